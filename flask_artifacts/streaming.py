@@ -1,0 +1,193 @@
+"""The WSGI response body: a planned archive, or one byte range of it, streamed.
+
+Members are fed to stream-zip one at a time, each opened only when its turn
+comes and read in bounded chunks, so memory does not grow with the job.
+A stored member's CRC-32 comes from the plan (the cache) or from a read
+pass just before its header; stream-zip checks the bytes against it again
+as they stream and raises on a mismatch, which ends the response short of
+its ``Content-Length``: a visibly failed transfer, never a wrong archive.
+
+:meth:`ArchiveBody.close` releases every file the body opened, whether the
+download finished, failed or was cut off by the client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZipError, stream_zip
+
+from . import fast
+from .cache import ChecksumCache
+from .errors import StreamError
+from .jobs import LocalStore
+from .plan import Member, Plan
+
+logger = logging.getLogger("flask_artifacts")
+
+
+class ArchiveBody:
+    """Iterable of the archive's bytes ``[start, stop)`` for a WSGI server."""
+
+    def __init__(self, plan: Plan, store: LocalStore, cache: ChecksumCache, *,
+                 start: int = 0, stop: int | None = None, chunk_size: int = 1 << 20,
+                 get_compressobj: Callable[[], Any] | None = None,
+                 on_close: Iterable[Callable[[ArchiveBody], None]] = ()) -> None:
+        self.plan = plan
+        self.store = store
+        self.cache = cache
+        self.start = start
+        self.stop = plan.size if stop is None else stop
+        self.chunk_size = chunk_size
+        self.get_compressobj = get_compressobj or fast.compressobj_factory(1)
+        self.on_close = list(on_close)
+        self.crcs = [m.crc for m in plan.members]
+        self.bytes_sent = 0
+        self.completed = False
+        self.error: BaseException | None = None
+        self._open: set[Iterator[bytes]] = set()
+        self._iterator: Iterator[bytes] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._iterator is None:
+            self._iterator = self._run()
+        return self._iterator
+
+    def close(self) -> None:
+        """Release every file this body opened. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+        for reader in list(self._open):
+            reader.close()  # type: ignore[attr-defined]
+        self._open.clear()
+        for callback in self.on_close:
+            try:
+                callback(self)
+            except Exception:  # a listener must not break the server
+                logger.exception("Download close callback failed")
+
+    # -- generation ---------------------------------------------------------
+
+    def _run(self) -> Iterator[bytes]:
+        full = self.start == 0 and (self.stop is None or self.stop == self.plan.size)
+        chunks = self._full() if full else self._range(self.start, self.stop)
+        try:
+            for chunk in chunks:
+                self.bytes_sent += len(chunk)
+                yield chunk
+        except (StreamError, ZipError, OSError) as exc:
+            self.error = exc
+            logger.error("Download of %s stopped after %d bytes: %s. The client sees a"
+                         " failed transfer.", self.plan.filename, self.bytes_sent, exc or type(exc).__name__)
+            raise
+        self.completed = True
+
+    def _full(self) -> Iterator[bytes]:
+        expected = self.plan.size
+        zipped = iter(self._zip(range(len(self.plan.members))))
+        if expected is None:
+            yield from zipped
+            return
+        sent = 0
+        for chunk in zipped:
+            sent += len(chunk)
+            if sent > expected:
+                raise StreamError(f"archive grew past its planned {expected} bytes")
+            if sent == expected:
+                # The last byte goes out only once stream-zip has ended here too.
+                for _ in zipped:
+                    raise StreamError(f"archive grew past its planned {expected} bytes")
+            yield chunk
+        if sent != expected:
+            raise StreamError(f"archive ended at {sent} of its planned {expected} bytes")
+
+    def _range(self, start: int, stop: int | None) -> Iterator[bytes]:
+        """Bytes ``[start, stop)`` of a stored archive, reading nothing before them."""
+        plan = self.plan
+        assert plan.central_offset is not None and stop is not None
+        members = plan.members
+        offsets = [m.offset for m in members]
+        pos = start
+        i = bisect.bisect_right(offsets, pos) - 1
+        if pos < plan.central_offset and i >= 0:
+            member = members[i]
+            if pos >= member.data_offset:
+                # The range starts inside this member's bytes: send them straight.
+                length = min(member.end, stop) - pos
+                yield from self._read(member, pos - member.data_offset, length)
+                pos += length
+                i += 1
+        if pos < stop and pos < plan.central_offset:
+            last = bisect.bisect_left(offsets, stop) - 1
+            length = min(stop, members[last].end) - pos
+            zipped = self._zip(range(i, last + 1))
+            yield from _slice(zipped, pos - members[i].offset, length)
+            pos += length
+        if pos < stop:
+            for index in range(len(members)):
+                self._crc(index)
+            tail = plan.central_directory(self.crcs)
+            yield tail[pos - plan.central_offset:stop - plan.central_offset]
+
+    def _zip(self, indices: range) -> Iterator[bytes]:
+        return stream_zip(self._members(indices), chunk_size=self.chunk_size,
+                          get_compressobj=self.get_compressobj, extended_timestamps=True)
+
+    def _members(self, indices: range) -> Iterator[tuple[Any, ...]]:
+        for index in indices:
+            member = self.plan.members[index]
+            if self.plan.stored:
+                crc = self._crc(index)
+                kind = NO_COMPRESSION_64 if member.zip64 else NO_COMPRESSION_32
+                method = kind(member.entry.size, crc)
+            else:
+                method = ZIP_64 if member.zip64 else ZIP_32
+            data: Iterable[bytes] = () if member.entry.is_dir else self._read(member)
+            yield member.name, member.modified, member.mode, method, data
+
+    def _crc(self, index: int) -> int:
+        """The member's CRC-32, from the plan or a read pass that fills the cache."""
+        crc = self.crcs[index]
+        if crc is None:
+            member = self.plan.members[index]
+            crc = 0
+            for chunk in self._read(member):
+                crc = fast.crc32(chunk, crc)
+            self.cache.put(member.entry, crc32=crc)
+            self.crcs[index] = crc
+        return crc
+
+    def _read(self, member: Member, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        reader = self.store.read(member.entry, start, length, chunk_size=self.chunk_size,
+                                 allow_growth=member.allow_growth)
+        self._open.add(reader)
+        try:
+            yield from reader
+        finally:
+            reader.close()  # type: ignore[attr-defined]
+            self._open.discard(reader)
+
+
+def _slice(chunks: Iterator[bytes], skip: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of ``chunks`` after the first ``skip``, then stop reading."""
+    try:
+        for chunk in chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            piece = chunk[skip:skip + length] if skip or len(chunk) > length else chunk
+            skip = 0
+            length -= len(piece)
+            yield piece
+            if length <= 0:
+                return
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
+    if length > 0:
+        raise StreamError("archive ended before the requested range")

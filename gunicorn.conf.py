@@ -1,0 +1,23 @@
+# gunicorn settings for flask-artifacts. Start with: gunicorn -c gunicorn.conf.py
+# Each value can be overridden from the environment, as the tests do.
+import os
+
+wsgi_app = "wsgi:app"
+
+# Server socket
+bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+
+# Worker processes. gthread, not sync: the sync worker stops telling the
+# arbiter it is alive while it streams, so 'timeout' would kill any download
+# longer than it. Each thread serves one download at a time.
+worker_class = "gthread"
+workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 30
+keepalive = 5
+
+# Logging
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
