@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from flask import Flask, current_app
@@ -23,6 +24,21 @@ DEFAULTS: dict[str, Any] = {
     "ARTIFACTS_CHUNK_SIZE": 1 << 20,
     # Deflate level of the logs archive and of ?compression=deflate.
     "ARTIFACTS_DEFLATE_LEVEL": 1,
+    # Seconds a download may wait on a client that stopped reading before it
+    # is dropped and its thread freed (gunicorn's timeout does not cover this).
+    # A client slower than ARTIFACTS_CHUNK_SIZE per this many seconds counts
+    # as stalled. None turns it off.
+    "ARTIFACTS_STALL_TIMEOUT": 300,
+    # Downloads one worker process streams at once; more are answered 429.
+    "ARTIFACTS_MAX_DOWNLOADS": 64,
+    # While a job runs, a checkpoint without trainer_state.json, or with a
+    # file modified less than this many seconds ago, is still being written:
+    # it is left out of listings and asking for it answers 409.
+    "ARTIFACTS_SETTLE_SECONDS": 10,
+    # Behind a proxy (nginx): honour X-Forwarded-For, -Proto, -Host and
+    # -Prefix, one hop, via werkzeug's ProxyFix. Only set it behind a proxy
+    # that overwrites those headers.
+    "ARTIFACTS_TRUST_PROXY": False,
 }
 
 
@@ -34,6 +50,20 @@ class _State:
         self._store: LocalStore | None = None
         self._store_root: Any = None
         self._cache: ChecksumCache | None = None
+        self._lock = threading.Lock()
+        self.downloads = 0
+
+    def take_slot(self, limit: int | None) -> bool:
+        """Count one more running download, unless ``limit`` are running."""
+        with self._lock:
+            if limit is not None and self.downloads >= limit:
+                return False
+            self.downloads += 1
+            return True
+
+    def give_slot(self) -> None:
+        with self._lock:
+            self.downloads -= 1
 
     def store(self, app: Flask) -> LocalStore:
         root = app.config["ARTIFACTS_LOGS_DIR"]
@@ -88,6 +118,11 @@ class Artifacts:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         app.extensions["artifacts"] = _State(self)
+        if app.config["ARTIFACTS_TRUST_PROXY"]:
+            from werkzeug.middleware.proxy_fix import ProxyFix
+
+            app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+                app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
 
         from .cli import cli
         from .views import blueprint

@@ -322,19 +322,25 @@ class LocalStore:
                                      (st.st_dev, st.st_ino, st.st_ctime_ns)))
                 held = True
             elif stat.S_ISREG(st.st_mode):
-                if check_readable and not os.access(path, os.R_OK):
-                    raise FileUnreadable(
-                        f"The file {rel} of this job cannot be read by the server"
-                        " (permission denied). Fix its permissions and retry."
-                    )
-                out.append(Entry(rel, st.st_size, st.st_mtime_ns, False, path,
-                                 (st.st_dev, st.st_ino, st.st_ctime_ns)))
+                entry = Entry(rel, st.st_size, st.st_mtime_ns, False, path,
+                              (st.st_dev, st.st_ino, st.st_ctime_ns))
+                if check_readable:
+                    self.check_readable(entry)
+                out.append(entry)
                 held = True
             else:
                 logger.warning("Leaving out %r: it is not a regular file or folder.", rel)
         return held
 
     # -- reading ------------------------------------------------------------
+
+    def check_readable(self, entry: Entry) -> None:
+        """Raise :class:`FileUnreadable` now rather than fail mid-stream later."""
+        if not os.access(entry.locator, os.R_OK):
+            raise FileUnreadable(
+                f"The file {entry.path} of this job cannot be read by the server"
+                " (permission denied). Fix its permissions and retry."
+            )
 
     def open(self, entry: Entry, *, allow_growth: bool = False) -> BinaryIO:
         """Open ``entry`` for reading, checking it is still the file that was listed.

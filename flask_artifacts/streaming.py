@@ -58,11 +58,15 @@ class ArchiveBody:
 
     def close(self) -> None:
         """Release every file this body opened. Safe to call more than once."""
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+        self._finish()
+
+    def _finish(self) -> None:
+        """Runs once: when the stream ends, fails, or is closed unread."""
         if self._closed:
             return
         self._closed = True
-        if self._iterator is not None:
-            self._iterator.close()  # type: ignore[attr-defined]
         for reader in list(self._open):
             reader.close()  # type: ignore[attr-defined]
         self._open.clear()
@@ -81,12 +85,16 @@ class ArchiveBody:
             for chunk in chunks:
                 self.bytes_sent += len(chunk)
                 yield chunk
+            self.completed = True
         except (StreamError, ZipError, OSError) as exc:
             self.error = exc
             logger.error("Download of %s stopped after %d bytes: %s. The client sees a"
-                         " failed transfer.", self.plan.filename, self.bytes_sent, exc or type(exc).__name__)
+                         " failed transfer.", self.plan.filename, self.bytes_sent,
+                         exc or type(exc).__name__)
             raise
-        self.completed = True
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+            self._finish()
 
     def _full(self) -> Iterator[bytes]:
         expected = self.plan.size

@@ -6,18 +6,22 @@ a JSON answer before the first byte. Reading happens lazily in the body.
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date, is_resource_modified
 
 from . import archives
 from .errors import ArtifactsError, InvalidParameter, json_http_error
-from .extension import get_cache, get_store
+from .extension import get_cache, get_store, state
 from .fast import compressobj_factory
 from .headers import content_disposition, iso_utc
-from .jobs import job_state
 from .plan import DEFLATE, STORE, Plan
+from .signals import download_finished, download_started
 from .streaming import ArchiveBody
+
+logger = logging.getLogger("flask_artifacts")
 
 blueprint = Blueprint("artifacts", __name__)
 blueprint.register_error_handler(ArtifactsError, lambda e: e.to_response())
@@ -30,40 +34,43 @@ def download_model(job_id: str) -> Response:
     store = get_store()
     job = store.job(job_id)
     checkpoint = request.args.get("checkpoint")
-    plan = archives.plan_download(store, get_cache(), job, "checkpoint" if checkpoint else "model",
-                                  checkpoint=checkpoint, method=_compression())
-    return send_archive(plan)
+    kind = "model" if checkpoint is None else "checkpoint"
+    plan = archives.plan_download(
+        store, get_cache(), job, kind, checkpoint=checkpoint, method=_compression(),
+        settle_seconds=current_app.config["ARTIFACTS_SETTLE_SECONDS"])
+    return send_archive(plan, job.job_id, kind, checkpoint)
 
 
 @blueprint.get("/api/training/<path:job_id>/download/logs")
 def download_logs(job_id: str) -> Response:
     """The training log and progress.json, deflated; allowed while the job runs."""
     store = get_store()
-    plan = archives.plan_download(store, get_cache(), store.job(job_id), "logs")
-    return send_archive(plan)
+    job = store.job(job_id)
+    plan = archives.plan_download(store, get_cache(), job, "logs")
+    return send_archive(plan, job.job_id, "logs", None)
 
 
 @blueprint.get("/api/training/checkpoints/<path:job_id>")
 def list_checkpoints(job_id: str) -> Response:
     store = get_store()
-    job = store.job(job_id)
-    status = store.status(job)
+    view = archives.view_job(store, store.job(job_id),
+                             settle_seconds=current_app.config["ARTIFACTS_SETTLE_SECONDS"])
     listed = []
-    for checkpoint in store.checkpoints(job):
-        entries = [e for e in store.scan(job, checkpoint.name) if not e.is_dir]
+    for checkpoint, entries in view.checkpoints:
+        files = [e for e in entries if not e.is_dir]
         listed.append({
             "name": checkpoint.name,
             "step": checkpoint.step,
-            "bytes": sum(e.size for e in entries),
-            "files": len(entries),
+            "bytes": sum(e.size for e in files),
+            "files": len(files),
             "modified": iso_utc(max((e.mtime_ns for e in entries), default=0)),
-            "download_url": url_for(".download_model", job_id=job.job_id,
+            "download_url": url_for(".download_model", job_id=view.job.job_id,
                                     checkpoint=checkpoint.name),
         })
     return jsonify({
-        "job_id": job.job_id,
-        "status": status or job_state(None, store.has_model(job)),
-        "state": job_state(status, store.has_model(job)),
+        "job_id": view.job.job_id,
+        "status": view.status or view.state,
+        "state": view.state,
         "checkpoints": listed,
     })
 
@@ -77,7 +84,7 @@ def _compression() -> str:
     return value
 
 
-def send_archive(plan: Plan) -> Response:
+def send_archive(plan: Plan, job_id: str, kind: str, checkpoint: str | None) -> Response:
     """Answer a planned archive: conditional requests, ranges, then the stream."""
     headers = {
         "Content-Type": "application/zip",
@@ -115,9 +122,40 @@ def send_archive(plan: Plan) -> Response:
         headers["Content-Length"] = str(stop - start)
 
     config = current_app.config
+    ext = state()
+    if not ext.take_slot(config["ARTIFACTS_MAX_DOWNLOADS"]):
+        busy = ArtifactsError(
+            "This server is streaming as many downloads as it allows"
+            " (ARTIFACTS_MAX_DOWNLOADS). Retry shortly.", code="too_many_downloads", status=429)
+        busy.headers["Retry-After"] = "10"
+        return busy.to_response()  # type: ignore[no-any-return]
+    stall = config["ARTIFACTS_STALL_TIMEOUT"]
+    sock = request.environ.get("gunicorn.socket")
+    if stall and sock is not None and request.method != "HEAD":
+        sock.settimeout(stall)
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    record = {"job_id": job_id, "kind": kind, "checkpoint": checkpoint,
+              "remote_addr": request.remote_addr}
+    head = request.method == "HEAD"
+
+    def finished(body: ArchiveBody) -> None:
+        ext.give_slot()
+        if head:
+            return
+        download_finished.send(app, **record, bytes_sent=body.bytes_sent,
+                               completed=body.completed)
+        logger.info("download %s job=%s kind=%s checkpoint=%s remote=%s range=%s bytes=%d %s",
+                    plan.filename, job_id, kind, checkpoint, record["remote_addr"],
+                    headers.get("Content-Range", "-"), body.bytes_sent,
+                    "completed" if body.completed else "cut off")
+
     body = ArchiveBody(plan, get_store(), get_cache(), start=start, stop=stop,
                        chunk_size=config["ARTIFACTS_CHUNK_SIZE"],
-                       get_compressobj=compressobj_factory(config["ARTIFACTS_DEFLATE_LEVEL"]))
+                       get_compressobj=compressobj_factory(config["ARTIFACTS_DEFLATE_LEVEL"]),
+                       on_close=[finished])
+    if not head:
+        download_started.send(app, **record)
     return Response(body, status=status, headers=headers, direct_passthrough=True)
 
 
