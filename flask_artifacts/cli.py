@@ -10,7 +10,6 @@ from .errors import ArtifactsError
 from .extension import get_cache, get_store
 from .headers import iso_utc
 from .jobs import job_state
-from .streaming import ArchiveBody
 
 cli = click.Group("artifacts", help="Training job downloads.")
 
@@ -40,35 +39,19 @@ def checkpoints_command(job_id: str) -> None:
 
 @cli.command("index")
 @click.argument("job_id")
+@click.option("--sha256", is_flag=True, help="Also cache SHA-256 (manifest, SHA256SUMS).")
 @with_appcontext
-def index_command(job_id: str) -> None:
-    """Compute and cache the CRC-32 of every file of a job's downloads.
+def index_command(job_id: str, sha256: bool) -> None:
+    """Compute and cache the checksums of every file of a job.
 
     Run it when a job completes, so its first download and any resume
     start without a read pass.
     """
     store, cache = get_store(), get_cache()
     job = _job(job_id)
-    plans = [archives.plan_download(store, cache, job, "checkpoint", checkpoint=c.name)
-             for c in store.checkpoints(job)]
-    try:
-        plans.append(archives.plan_download(store, cache, job, "model"))
-    except ArtifactsError:
-        pass  # an unfinished job has only its checkpoints to index
-    files = computed = 0
-    for plan in plans:
-        body = ArchiveBody(plan, store, cache)
-        try:
-            for index, member in enumerate(plan.members):
-                if member.entry.is_dir:
-                    continue
-                files += 1
-                if member.crc is None:
-                    body._crc(index)
-                    computed += 1
-        finally:
-            body.close()
-    click.echo(f"{job_id}: {files} files, {computed} checksums computed, {files - computed} cached")
+    entries = [e for e in store.scan(job) if not e.is_dir]
+    read, _ = archives.fill_checksums(store, cache, entries, sha256=sha256)
+    click.echo(f"{job_id}: {len(entries)} files, {read} read, {len(entries) - read} already cached")
 
 
 def _job(job_id: str):  # type: ignore[no-untyped-def]

@@ -35,6 +35,12 @@ DEFAULTS: dict[str, Any] = {
     # file modified less than this many seconds ago, is still being written:
     # it is left out of listings and asking for it answers 409.
     "ARTIFACTS_SETTLE_SECONDS": 10,
+    # Add a SHA256SUMS file (read by 'sha256sum -c') to model and checkpoint
+    # archives by default; ?sha256sums=0/1 overrides it per download.
+    "ARTIFACTS_SHA256SUMS": False,
+    # The manifest's ?sha256=1 hashes a selection on the spot only below this
+    # many bytes; larger ones need 'flask artifacts index --sha256' first.
+    "ARTIFACTS_HASH_LIMIT": 1 << 30,
     # Behind a proxy (nginx): honour X-Forwarded-For, -Proto, -Host and
     # -Prefix, one hop, via werkzeug's ProxyFix. Only set it behind a proxy
     # that overwrites those headers.

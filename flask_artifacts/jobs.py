@@ -16,9 +16,10 @@ import os
 import re
 import stat
 import unicodedata
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from .errors import (
+    ArtifactsError,
     CheckpointNotFound,
     FileUnreadable,
     InvalidCheckpoint,
@@ -43,7 +44,7 @@ WEIGHT_RE = re.compile(
 
 #: Files of the job directory that belong to the logs archive, not the model.
 PROGRESS_NAME = "progress.json"
-MAX_PROGRESS_BYTES = 1 << 20
+MAX_JSON_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +239,16 @@ class LocalStore:
         if job.progress is None:
             return None
         try:
-            with self.open(job.progress, allow_growth=True) as f:
-                data = json.loads(f.read(MAX_PROGRESS_BYTES))
+            data = self.read_json(job.progress)
             status = data.get("status") if isinstance(data, dict) else None
         except (OSError, ValueError, MemberChanged):
             return "unknown"
         return status.strip().lower() if isinstance(status, str) else "unknown"
+
+    def read_json(self, entry: Entry) -> Any:
+        """A small JSON file of the job (progress.json, trainer_state.json)."""
+        with self.open(entry, allow_growth=True) as f:
+            return json.loads(f.read(MAX_JSON_BYTES))
 
     def has_model(self, job: Job) -> bool:
         if job.root is None:
@@ -331,6 +336,40 @@ class LocalStore:
             else:
                 logger.warning("Leaving out %r: it is not a regular file or folder.", rel)
         return held
+
+    def file(self, job: Job, path: str) -> Entry:
+        """One regular file of the job by its ``/``-separated path, checked like a scan.
+
+        Raises ``invalid_path`` (400) for a path that could never name a
+        member and ``file_not_found`` (404) for one that names nothing here.
+        """
+        parts = path.split("/")
+        if (not path or len(path) > 4096 or any(p in ("", ".", "..") for p in parts)
+                or any(_member_name_problem(p) for p in parts)):
+            raise ArtifactsError(
+                "File paths are '/'-separated names inside the job folder, such as"
+                " 'model.safetensors' or 'checkpoint-20/trainer_state.json'.",
+                code="invalid_path", status=400)
+        missing = ArtifactsError(
+            f"Job {job.job_id!r} has no file {path!r}. The manifest lists its files.",
+            code="file_not_found", status=404)
+        if job.root is None:
+            raise missing
+        real = contained(job.root, os.path.join(job.root, *parts))
+        if real is None:
+            if os.path.lexists(os.path.join(job.root, *parts)):
+                logger.warning("Refusing %r of job %r: it leads outside the job.", path, job.job_id)
+            raise missing
+        try:
+            st = os.stat(real)
+        except OSError:
+            raise missing from None
+        if not stat.S_ISREG(st.st_mode):
+            raise missing
+        entry = Entry(path, st.st_size, st.st_mtime_ns, False, real,
+                      (st.st_dev, st.st_ino, st.st_ctime_ns))
+        self.check_readable(entry)
+        return entry
 
     # -- reading ------------------------------------------------------------
 
