@@ -17,7 +17,9 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30
 keepalive = 5
 
-# Logging
+# Logging. The access log shows the path without its query string (%(U)s,
+# not %(r)s), so signed links' signatures never reach a log file.
 accesslog = "-"
+access_log_format = '%(h)s - %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(D)sus "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")

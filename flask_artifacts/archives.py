@@ -9,6 +9,7 @@ import time
 from . import fast
 from .cache import ChecksumCache
 from .errors import ArtifactsError, CheckpointNotFound, JobNotCompleted, MemberChanged
+from .extension import job_status
 from .jobs import PROGRESS_NAME, Checkpoint, Entry, Job, LocalStore, job_state
 from .plan import DEFLATE, STORE, Plan, make_plan
 from .selection import Selection
@@ -32,7 +33,7 @@ class JobView:
 
 def view_job(store: LocalStore, job: Job, *, settle_seconds: float = 10,
              check_readable: bool = False) -> JobView:
-    status = store.status(job)
+    status = job_status(store, job)
     state = job_state(status, store.has_model(job))
     listed, unsettled = [], {}
     for checkpoint in store.checkpoints(job):

@@ -54,6 +54,17 @@ def index_command(job_id: str, sha256: bool) -> None:
     click.echo(f"{job_id}: {len(entries)} files, {read} read, {len(entries) - read} already cached")
 
 
+@cli.command("demo")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--job-id", default="demo", show_default=True)
+def demo_command(directory: str, job_id: str) -> None:
+    """Write a small, realistic training job into DIRECTORY (a LOGS_DIR) to try the routes."""
+    from .demo import write_demo_job
+
+    root = write_demo_job(directory, job_id)
+    click.echo(f"Wrote {root}. Serve it with: LOGS_DIR={directory} gunicorn -c gunicorn.conf.py")
+
+
 def _job(job_id: str):  # type: ignore[no-untyped-def]
     try:
         return get_store().job(job_id)

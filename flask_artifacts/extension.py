@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask, current_app
 
@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     # The manifest's ?sha256=1 hashes a selection on the spot only below this
     # many bytes; larger ones need 'flask artifacts index --sha256' first.
     "ARTIFACTS_HASH_LIMIT": 1 << 30,
+    # Serve the HTML job pages (index and detail) under ARTIFACTS_PAGES_PREFIX.
+    "ARTIFACTS_PAGES": True,
+    "ARTIFACTS_PAGES_PREFIX": "/jobs",
     # Behind a proxy (nginx): honour X-Forwarded-For, -Proto, -Host and
     # -Prefix, one hop, via werkzeug's ProxyFix. Only set it behind a proxy
     # that overwrites those headers.
@@ -109,9 +112,13 @@ class Artifacts:
         artifacts.init_app(app)
 
     Registers the ``artifacts`` blueprint under ``ARTIFACTS_URL_PREFIX``.
+    Callbacks are registered with the :meth:`authorize` and
+    :meth:`job_status_loader` decorators.
     """
 
     def __init__(self, app: Flask | None = None) -> None:
+        self._authorize: Callable[[str, str, str | None], bool] | None = None
+        self._status_loader: Callable[[str], str | None] | None = None
         if app is not None:
             self.init_app(app)
 
@@ -131,10 +138,67 @@ class Artifacts:
                 app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
 
         from .cli import cli
+        from .pages import human_bytes, job_links
         from .views import blueprint
 
         app.register_blueprint(blueprint, url_prefix=app.config["ARTIFACTS_URL_PREFIX"] or None)
+        app.add_template_global(job_links, "artifacts_job_links")
+        app.add_template_filter(human_bytes, "artifacts_bytes")
         app.cli.add_command(cli)
+
+    def authorize(self, callback: Callable[[str, str, str | None], bool]
+                  ) -> Callable[[str, str, str | None], bool]:
+        """Register ``callback(job_id, kind, checkpoint) -> bool`` deciding access.
+
+        ``kind`` is one of "model", "checkpoint", "logs", "listing", "page"
+        or "index". Return False to refuse (403), or raise werkzeug's
+        ``Unauthorized`` (401) when no user is known. It runs before the
+        job is looked up, so a refusal says nothing of whether it exists.
+        Without a callback everything is allowed (a single-user server).
+        """
+        self._authorize = callback
+        return callback
+
+    def job_status_loader(self, callback: Callable[[str], str | None]
+                          ) -> Callable[[str], str | None]:
+        """Register ``callback(job_id) -> status or None`` replacing progress.json.
+
+        Returning None falls back to progress.json.
+        """
+        self._status_loader = callback
+        return callback
+
+    def signed_url(self, job_id: str, kind: str = "model", checkpoint: str | None = None,
+                   expires_in: int = 3600, _external: bool = False, **selection: Any) -> str:
+        """A download URL that works without credentials until it expires.
+
+        :param kind: "model", "checkpoint" or "logs".
+        :param selection: ``preset``, ``include``, ``exclude``, ``sha256sums``,
+            ``compression``; covered by the signature like the rest.
+        """
+        from flask import url_for
+
+        from .access import SIGNED_PARAMS, sign
+
+        if kind not in ("model", "checkpoint", "logs"):
+            raise ValueError(f"'kind' must be 'model', 'checkpoint' or 'logs', not {kind!r}.")
+        unknown = set(selection) - set(SIGNED_PARAMS)
+        if unknown:
+            raise TypeError(f"Unknown selection parameters: {', '.join(sorted(unknown))}.")
+        if kind == "checkpoint" and checkpoint is None:
+            raise ValueError("A 'checkpoint' download needs the checkpoint's name.")
+        params: dict[str, list[str]] = {}
+        if checkpoint is not None and kind != "logs":
+            params["checkpoint"] = [checkpoint]
+            kind = "checkpoint"
+        for key, value in selection.items():
+            if value is None:
+                continue
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            params[key] = [str(int(v)) if isinstance(v, bool) else str(v) for v in values]
+        endpoint = "artifacts.download_logs" if kind == "logs" else "artifacts.download_model"
+        return url_for(endpoint, job_id=job_id, _external=_external, **params,
+                       **sign(job_id, kind, params, expires_in))
 
 
 def state() -> _State:
@@ -153,3 +217,30 @@ def get_store() -> LocalStore:
 
 def get_cache() -> ChecksumCache:
     return state().cache(current_app._get_current_object())  # type: ignore[attr-defined]
+
+
+def job_status(store: LocalStore, job: Any) -> str | None:
+    """The job's raw status: the registered loader's answer, else progress.json."""
+    loader = state().artifacts._status_loader
+    if loader is not None:
+        status = loader(job.job_id)
+        if status is not None:
+            return str(status).strip().lower()
+    return store.status(job)
+
+
+def authorize(job_id: str, kind: str, checkpoint: str | None = None) -> None:
+    """Refuse the request unless a signed link or the callback allows it.
+
+    Runs before the job is looked up, so a refused caller gets the same
+    answer for a real job and a made-up one.
+    """
+    from .access import Forbidden, check_signature
+    from .jobs import validate_job_id
+
+    validate_job_id(job_id)
+    if kind in ("model", "checkpoint", "logs") and check_signature(job_id, kind):
+        return
+    callback = state().artifacts._authorize
+    if callback is not None and not callback(job_id, kind, checkpoint):
+        raise Forbidden("You are not allowed to see this job's artifacts.")

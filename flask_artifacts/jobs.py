@@ -250,6 +250,16 @@ class LocalStore:
         with self.open(entry, allow_growth=True) as f:
             return json.loads(f.read(MAX_JSON_BYTES))
 
+    def modified_ns(self, job: Job) -> int:
+        """When the job folder (or, before it exists, its log) last changed."""
+        for entry in (job.log, job.progress):
+            if job.root is None and entry is not None:
+                return entry.mtime_ns
+        try:
+            return os.stat(job.root).st_mtime_ns if job.root else 0
+        except OSError:
+            return 0
+
     def has_model(self, job: Job) -> bool:
         if job.root is None:
             return False

@@ -16,9 +16,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date, is_resource_modified
 
-from . import archives
+from . import archives, pages
 from .errors import ArtifactsError, InvalidParameter, json_http_error
-from .extension import get_cache, get_store, state
+from .extension import authorize, get_cache, get_store, state
 from .fast import compressobj_factory
 from .headers import content_disposition, iso_utc
 from .jobs import Entry
@@ -29,9 +29,20 @@ from .streaming import ArchiveBody
 
 logger = logging.getLogger("flask_artifacts")
 
-blueprint = Blueprint("artifacts", __name__)
+blueprint = Blueprint("artifacts", __name__, template_folder="templates")
 blueprint.register_error_handler(ArtifactsError, lambda e: e.to_response())
 blueprint.register_error_handler(HTTPException, json_http_error)
+blueprint.add_url_rule("/api/training/jobs", "list_jobs", pages.list_jobs)
+
+
+@blueprint.record
+def _register_pages(setup: Any) -> None:
+    """Mount the HTML pages under ARTIFACTS_PAGES_PREFIX, unless turned off."""
+    config = setup.app.config
+    if config.get("ARTIFACTS_PAGES", True):
+        prefix = config.get("ARTIFACTS_PAGES_PREFIX", "/jobs").rstrip("/")
+        setup.add_url_rule(prefix or "/", "job_index", pages.job_index)
+        setup.add_url_rule(f"{prefix}/<job_id>", "job_page", pages.job_page)
 
 
 @blueprint.get("/api/training/<path:job_id>/download/model")
@@ -44,6 +55,7 @@ def download_model(job_id: str) -> Response:
 @blueprint.get("/api/training/<path:job_id>/download/logs")
 def download_logs(job_id: str) -> Response:
     """The training log and progress.json, deflated; allowed while the job runs."""
+    authorize(job_id, "logs")
     store = get_store()
     job = store.job(job_id)
     plan = archives.plan_download(store, get_cache(), job, "logs")
@@ -94,6 +106,9 @@ def manifest(job_id: str) -> Response:
 @blueprint.get("/api/training/<job_id>/files/<path:path>")
 def download_file(job_id: str, path: str) -> Response:
     """One file of the job, with Range and conditional requests."""
+    first = path.split("/", 1)[0]
+    checkpoint = first if "/" in path and first.startswith("checkpoint-") else None
+    authorize(job_id, "checkpoint" if checkpoint else "model", checkpoint)
     store = get_store()
     entry = store.file(store.job(job_id), path)
     return send_entry(entry, mimetypes.guess_type(entry.path)[0] or "application/octet-stream",
@@ -103,6 +118,7 @@ def download_file(job_id: str, path: str) -> Response:
 @blueprint.get("/api/training/<job_id>/logs/training.log")
 def log_file(job_id: str) -> Response:
     """The raw training log as text; ``curl -r -4096-`` shows its tail."""
+    authorize(job_id, "logs")
     store = get_store()
     job = store.job(job_id)
     if job.log is None:
@@ -115,6 +131,7 @@ def log_file(job_id: str) -> Response:
 
 @blueprint.get("/api/training/checkpoints/<path:job_id>")
 def list_checkpoints(job_id: str) -> Response:
+    authorize(job_id, "listing")
     store = get_store()
     view = archives.view_job(store, store.job(job_id),
                              settle_seconds=current_app.config["ARTIFACTS_SETTLE_SECONDS"])
@@ -142,11 +159,12 @@ def list_checkpoints(job_id: str) -> Response:
 
 
 def _plan_from_request(job_id: str) -> tuple[Plan, str, str, str | None]:
+    checkpoint = request.args.get("checkpoint")
+    kind = "model" if checkpoint is None else "checkpoint"
+    authorize(job_id, kind, checkpoint)
     store = get_store()
     job = store.job(job_id)
     config = current_app.config
-    checkpoint = request.args.get("checkpoint")
-    kind = "model" if checkpoint is None else "checkpoint"
     plan = archives.plan_download(
         store, get_cache(), job, kind, checkpoint=checkpoint, method=_compression(),
         settle_seconds=config["ARTIFACTS_SETTLE_SECONDS"],
