@@ -14,6 +14,11 @@ worker_class = "gthread"
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+
+# Keep two threads of each worker free of downloads, so listings, manifests
+# and pages still answer while every download slot is streaming; downloads
+# beyond the cap are answered 429 with Retry-After.
+os.environ.setdefault("FLASK_ARTIFACTS_MAX_DOWNLOADS", str(max(1, threads - 2)))
 graceful_timeout = 30
 keepalive = 5
 
