@@ -155,6 +155,16 @@ def list_checkpoints(job_id: str) -> Response:
     })
 
 
+@blueprint.get("/healthz")
+def health() -> Response:
+    """200 while the job folder is reachable, else 503: for load balancers."""
+    ok = get_store().reachable()
+    response = jsonify({"status": "ok" if ok else "unavailable"})
+    response.status_code = 200 if ok else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 # -- request parsing ----------------------------------------------------------
 
 
