@@ -20,6 +20,9 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # beyond the cap are answered 429 with Retry-After.
 os.environ.setdefault("FLASK_ARTIFACTS_MAX_DOWNLOADS", str(max(1, threads - 2)))
 graceful_timeout = 30
+# gunicorn 25.1+ opens a control socket at one per-user path, so a second
+# instance (another job folder, a test) would remove the first one's.
+control_socket_disable = True
 keepalive = 5
 
 # Logging. The access log shows the path without its query string (%(U)s,

@@ -420,7 +420,10 @@ class LocalStore:
         if allow_growth:
             if st.st_size < entry.size:
                 raise MemberChanged(f"{entry.path} was truncated")
-        elif st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+        elif (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (entry.size, entry.mtime_ns,
+                                                              entry.identity[2]):
+            # ctime too: a rewrite that restores the mtime (cp -p, rsync -t)
+            # still moves the ctime, which no one can set back.
             raise MemberChanged(f"{entry.path} was modified")
 
     def read(self, entry: Entry, start: int = 0, length: int | None = None, *,

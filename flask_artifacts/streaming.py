@@ -92,7 +92,7 @@ class ArchiveBody:
             self.error = exc
             logger.error("Download of %s stopped after %d bytes: %s. The client sees a"
                          " failed transfer.", self.plan.filename, self.bytes_sent,
-                         exc or type(exc).__name__)
+                         str(exc) or type(exc).__name__)
             raise
         finally:
             chunks.close()  # type: ignore[attr-defined]
