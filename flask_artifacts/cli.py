@@ -7,7 +7,7 @@ from flask.cli import with_appcontext
 
 from . import archives
 from .errors import ArtifactsError
-from .extension import get_cache, get_store
+from .extension import get_cache, get_store, job_status
 from .headers import iso_utc
 from .jobs import job_state
 
@@ -21,7 +21,7 @@ def jobs_command() -> None:
     store = get_store()
     for job_id in store.job_ids():
         job = store.job(job_id)
-        click.echo(f"{job_id}\t{job_state(store.status(job), store.has_model(job))}")
+        click.echo(f"{job_id}\t{job_state(job_status(store, job), store.has_model(job))}")
 
 
 @cli.command("checkpoints")

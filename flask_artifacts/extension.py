@@ -229,17 +229,20 @@ def job_status(store: LocalStore, job: Any) -> str | None:
     return store.status(job)
 
 
-def authorize(job_id: str, kind: str, checkpoint: str | None = None) -> None:
+def authorize(job_id: str, kind: str, checkpoint: str | None = None, *,
+              signed: bool = False) -> None:
     """Refuse the request unless a signed link or the callback allows it.
 
     Runs before the job is looked up, so a refused caller gets the same
-    answer for a real job and a made-up one.
+    answer for a real job and a made-up one. ``signed`` routes (the archive
+    downloads that :meth:`Artifacts.signed_url` builds) also accept a valid
+    signature; other routes never do, so a link cannot be moved onto them.
     """
     from .access import Forbidden, check_signature
     from .jobs import validate_job_id
 
     validate_job_id(job_id)
-    if kind in ("model", "checkpoint", "logs") and check_signature(job_id, kind):
+    if signed and check_signature(job_id, kind):
         return
     callback = state().artifacts._authorize
     if callback is not None and not callback(job_id, kind, checkpoint):

@@ -61,6 +61,9 @@ class Entry:
     #: Host-local identity (device, inode, ctime_ns) used to notice changed
     #: files and to key the checksum cache. Never part of an ETag.
     identity: tuple[int, int, int] = (0, 0, 0)
+    #: CRC-32 the storage itself keeps for the file (object storage's
+    #: full-object checksum), or None. Part of the ETag when known.
+    crc32: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

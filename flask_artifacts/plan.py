@@ -249,7 +249,7 @@ def make_plan(items: Iterable[tuple[str, Entry]], *, method: str, filename: str,
         zip64 = not (all32 or (index == 0 and entry.size < fits32))
         member = Member(name, entry, zip_time(entry.mtime_ns), zip64,
                         offset if method == STORE else -1,
-                        0 if entry.is_dir else checksums.get(name), growing,
+                        0 if entry.is_dir else checksums.get(name, entry.crc32), growing,
                         generated=name == sha256sums)
         members.append(member)
         offset = member.end
@@ -263,7 +263,7 @@ def make_plan(items: Iterable[tuple[str, Entry]], *, method: str, filename: str,
     digest = hashlib.sha256(f"{LAYOUT_VERSION}\0{method}\0{filename}".encode())
     for member in members:
         e = member.entry
-        digest.update(f"\0{member.name}\0{e.size}\0{e.mtime_ns}".encode())
+        digest.update(f"\0{member.name}\0{e.size}\0{e.mtime_ns}\0{e.crc32}".encode())
     # A deflated archive's bytes depend on the compressor: its ETag is weak.
     etag = digest.hexdigest()[:32]
     newest = max((m.entry.mtime_ns for m in members), default=0)

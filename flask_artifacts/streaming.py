@@ -35,7 +35,8 @@ class ArchiveBody:
     def __init__(self, plan: Plan, store: LocalStore, cache: ChecksumCache, *,
                  start: int = 0, stop: int | None = None, chunk_size: int = 1 << 20,
                  get_compressobj: Callable[[], Any] | None = None,
-                 on_close: Iterable[Callable[[ArchiveBody], None]] = ()) -> None:
+                 on_close: Iterable[Callable[[ArchiveBody], None]] = (),
+                 release: Callable[[], None] | None = None) -> None:
         self.plan = plan
         self.store = store
         self.cache = cache
@@ -44,6 +45,9 @@ class ArchiveBody:
         self.chunk_size = chunk_size
         self.get_compressobj = get_compressobj or fast.compressobj_factory(1)
         self.on_close = list(on_close)
+        #: Called once, as the last byte goes out (or at the end): frees the
+        #: download slot before the client can ask for its next download.
+        self._release = release
         self.crcs = [m.crc for m in plan.members]
         self.hashes = dict(plan.hashes)
         self.bytes_sent = 0
@@ -69,6 +73,7 @@ class ArchiveBody:
         if self._closed:
             return
         self._closed = True
+        self._release_slot()
         for reader in list(self._open):
             reader.close()  # type: ignore[attr-defined]
         self._open.clear()
@@ -78,14 +83,22 @@ class ArchiveBody:
             except Exception:  # a listener must not break the server
                 logger.exception("Download close callback failed")
 
+    def _release_slot(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
     # -- generation ---------------------------------------------------------
 
     def _run(self) -> Iterator[bytes]:
         full = self.start == 0 and (self.stop is None or self.stop == self.plan.size)
         chunks = self._full() if full else self._range(self.start, self.stop)
+        length = None if self.stop is None else self.stop - self.start
         try:
             for chunk in chunks:
                 self.bytes_sent += len(chunk)
+                if self.bytes_sent == length:
+                    self._release_slot()
                 yield chunk
             self.completed = True
         except (StreamError, ZipError, OSError) as exc:

@@ -55,7 +55,7 @@ def download_model(job_id: str) -> Response:
 @blueprint.get("/api/training/<path:job_id>/download/logs")
 def download_logs(job_id: str) -> Response:
     """The training log and progress.json, deflated; allowed while the job runs."""
-    authorize(job_id, "logs")
+    authorize(job_id, "logs", signed=True)
     store = get_store()
     job = store.job(job_id)
     plan = archives.plan_download(store, get_cache(), job, "logs")
@@ -171,7 +171,7 @@ def health() -> Response:
 def _plan_from_request(job_id: str) -> tuple[Plan, str, str, str | None]:
     checkpoint = request.args.get("checkpoint")
     kind = "model" if checkpoint is None else "checkpoint"
-    authorize(job_id, kind, checkpoint)
+    authorize(job_id, kind, checkpoint, signed=request.endpoint == "artifacts.download_model")
     store = get_store()
     job = store.job(job_id)
     config = current_app.config
@@ -286,7 +286,6 @@ def send_archive(plan: Plan, job_id: str, kind: str, checkpoint: str | None) -> 
               "remote_addr": request.remote_addr}
 
     def finished(body: ArchiveBody) -> None:
-        ext.give_slot()
         if head:
             return
         download_finished.send(app, **record, bytes_sent=body.bytes_sent,
@@ -299,7 +298,7 @@ def send_archive(plan: Plan, job_id: str, kind: str, checkpoint: str | None) -> 
     body = ArchiveBody(plan, get_store(), get_cache(), start=start, stop=stop,
                        chunk_size=config["ARTIFACTS_CHUNK_SIZE"],
                        get_compressobj=compressobj_factory(config["ARTIFACTS_DEFLATE_LEVEL"]),
-                       on_close=[finished])
+                       on_close=[finished], release=ext.give_slot)
     if not head:
         download_started.send(app, **record)
     return Response(body, status=status, headers=headers, direct_passthrough=True)
