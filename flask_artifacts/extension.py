@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from flask import Flask, current_app
 
 from .cache import ChecksumCache
 from .jobs import LocalStore
 
+if TYPE_CHECKING:
+    from .objectstore import FsspecStore
+
+#: What serves the jobs: a local folder, or object storage through fsspec.
+Store = Union[LocalStore, "FsspecStore"]
+
 #: Configuration keys, their defaults and what they do.
 DEFAULTS: dict[str, Any] = {
-    # The folder the training server writes jobs into (its LOGS_DIR).
+    # The folder the training server writes jobs into (its LOGS_DIR), or an
+    # fsspec URL such as "s3://bucket/prefix" for jobs on object storage.
     "ARTIFACTS_LOGS_DIR": None,
+    # Object storage only: options for fsspec.core.url_to_fs (s3fs's
+    # S3FileSystem for s3://), e.g. {"client_kwargs": {"endpoint_url": ...}};
+    # credentials and the endpoint may also come from AWS_* variables.
+    "ARTIFACTS_STORAGE_OPTIONS": {},
+    # Object storage only: answer /files/<path> with a 307 redirect to a
+    # presigned URL valid for 5 minutes, so the bytes skip the worker.
+    "ARTIFACTS_PRESIGNED_REDIRECTS": False,
+    # Object storage only: ranged GETs of ARTIFACTS_CHUNK_SIZE one read keeps
+    # in flight; memory per download is about this many chunks.
+    "ARTIFACTS_READ_AHEAD": 4,
     # Mount every route under this prefix, for example "/artifacts".
     "ARTIFACTS_URL_PREFIX": "",
     # Where member checksums are cached; never inside ARTIFACTS_LOGS_DIR.
@@ -56,7 +73,7 @@ class _State:
 
     def __init__(self, artifacts: Artifacts) -> None:
         self.artifacts = artifacts
-        self._store: LocalStore | None = None
+        self._store: Store | None = None
         self._store_root: Any = None
         self._cache: ChecksumCache | None = None
         self._lock = threading.Lock()
@@ -74,7 +91,7 @@ class _State:
         with self._lock:
             self.downloads -= 1
 
-    def store(self, app: Flask) -> LocalStore:
+    def store(self, app: Flask) -> Store:
         root = app.config["ARTIFACTS_LOGS_DIR"]
         if not root:
             raise RuntimeError(
@@ -82,17 +99,36 @@ class _State:
                 " (its LOGS_DIR) before flask-artifacts can serve downloads."
             )
         if self._store is None or self._store_root != root:
-            self._store, self._store_root = LocalStore(root), root
+            self._store, self._store_root = self._make_store(app, os.fspath(root)), root
         return self._store
+
+    @staticmethod
+    def _make_store(app: Flask, root: str) -> Store:
+        """A LocalStore for a path (or file:// URL), an FsspecStore for other URLs."""
+        if root.startswith("file://"):
+            return LocalStore(root[len("file://"):])
+        if "://" not in root:
+            return LocalStore(root)
+        try:
+            from .objectstore import FsspecStore
+        except ImportError as exc:  # fsspec or the protocol's package is missing
+            raise RuntimeError(
+                f"'ARTIFACTS_LOGS_DIR' is the URL {root!r}, which needs fsspec and the"
+                f" package for its protocol: pip install 'flask-artifacts[s3]' ({exc})."
+            ) from exc
+        return FsspecStore(root, app.config["ARTIFACTS_STORAGE_OPTIONS"],
+                           read_ahead=app.config["ARTIFACTS_READ_AHEAD"])
 
     def cache(self, app: Flask) -> ChecksumCache:
         if self._cache is None:
             directory = app.config["ARTIFACTS_CACHE_DIR"]
             if directory is None:
                 directory = os.path.join(app.instance_path, "artifacts-cache")
-            store_root = self.store(app).root
+            store = self.store(app)
             real = os.path.realpath(directory)
-            if os.path.commonpath([store_root, real]) == store_root:
+            # Object storage is not a local folder the cache could be inside.
+            if (isinstance(store, LocalStore)
+                    and os.path.commonpath([store.root, real]) == store.root):
                 raise RuntimeError(
                     "'ARTIFACTS_CACHE_DIR' must not be inside 'ARTIFACTS_LOGS_DIR':"
                     " downloads never write to the job folder. Choose another folder."
@@ -211,7 +247,7 @@ def state() -> _State:
         ) from None
 
 
-def get_store() -> LocalStore:
+def get_store() -> Store:
     return state().store(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
@@ -219,7 +255,7 @@ def get_cache() -> ChecksumCache:
     return state().cache(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
-def job_status(store: LocalStore, job: Any) -> str | None:
+def job_status(store: Store, job: Any) -> str | None:
     """The job's raw status: the registered loader's answer, else progress.json."""
     loader = state().artifacts._status_loader
     if loader is not None:

@@ -331,6 +331,12 @@ class LocalStore:
                 except OSError:
                     logger.warning("Leaving out %r: it is a broken symlink.", rel)
                     continue
+                if stat.S_ISDIR(st.st_mode):
+                    # Its target is inside the job, so its files are listed
+                    # under their real names; following it would list them
+                    # twice (or, visited first, hide the real folder).
+                    logger.info("Leaving out %r: it is a symlink to a folder of the job.", rel)
+                    continue
                 path = real
             if stat.S_ISDIR(st.st_mode):
                 before = len(out)
@@ -453,9 +459,9 @@ class LocalStore:
     # -- helpers ------------------------------------------------------------
 
     def _child_dir(self, base: str, name: str) -> str | None:
-        """The real path of folder ``base/name`` if it exists inside the store."""
-        real = contained(self.root, os.path.join(base, name))
-        if real is None or real == self.root:
+        """The real path of folder ``base/name`` if it lies inside ``base``."""
+        real = contained(base, os.path.join(base, name))
+        if real is None or real == base:
             return None
         try:
             if stat.S_ISDIR(os.stat(real).st_mode):

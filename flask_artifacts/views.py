@@ -12,8 +12,10 @@ import mimetypes
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
+from werkzeug.datastructures import Range
 from werkzeug.http import http_date, is_resource_modified
 
 from . import archives, pages
@@ -29,7 +31,35 @@ from .streaming import ArchiveBody
 
 logger = logging.getLogger("flask_artifacts")
 
+#: Seconds a presigned redirect of ``download_file`` stays valid
+#: (ARTIFACTS_PRESIGNED_REDIRECTS); a download that outlives it continues.
+PRESIGNED_EXPIRES = 300
+
 blueprint = Blueprint("artifacts", __name__, template_folder="templates")
+
+
+class _AnyPath(PathConverter):
+    """Any text: slashes (even leading or doubled), newlines, nothing at all.
+
+    User input reaches the view and its JSON error (invalid_job_id,
+    invalid_path) instead of werkzeug's slash-merging redirect or an HTML 404.
+    """
+
+    regex = r"[\s\S]*?"
+    part_isolating = False
+
+
+class _ListingId(_AnyPath):
+    """Like :class:`_AnyPath`, but never what another route of a job named
+    "checkpoints" would take (``checkpoints/download/model``, ``.../files/x``)."""
+
+    regex = r"(?!(?:download/(?:model|logs)|manifest|logs/training\.log)\Z|files/)[\s\S]*?"
+
+
+@blueprint.record_once
+def _register_converters(setup: Any) -> None:
+    setup.app.url_map.converters.setdefault("artifacts_path", _AnyPath)
+    setup.app.url_map.converters.setdefault("artifacts_listing_id", _ListingId)
 blueprint.register_error_handler(ArtifactsError, lambda e: e.to_response())
 blueprint.register_error_handler(HTTPException, json_http_error)
 blueprint.add_url_rule("/api/training/jobs", "list_jobs", pages.list_jobs)
@@ -45,14 +75,14 @@ def _register_pages(setup: Any) -> None:
         setup.add_url_rule(f"{prefix}/<job_id>", "job_page", pages.job_page)
 
 
-@blueprint.get("/api/training/<path:job_id>/download/model")
+@blueprint.get("/api/training/<artifacts_path:job_id>/download/model", merge_slashes=False)
 def download_model(job_id: str) -> Response:
     """The final model and every checkpoint, or with ``?checkpoint=`` only that one."""
     plan, job_id, kind, checkpoint = _plan_from_request(job_id)
     return send_archive(plan, job_id, kind, checkpoint)
 
 
-@blueprint.get("/api/training/<path:job_id>/download/logs")
+@blueprint.get("/api/training/<artifacts_path:job_id>/download/logs", merge_slashes=False)
 def download_logs(job_id: str) -> Response:
     """The training log and progress.json, deflated; allowed while the job runs."""
     authorize(job_id, "logs", signed=True)
@@ -62,7 +92,7 @@ def download_logs(job_id: str) -> Response:
     return send_archive(plan, job.job_id, "logs", None)
 
 
-@blueprint.get("/api/training/<path:job_id>/manifest")
+@blueprint.get("/api/training/<artifacts_path:job_id>/manifest", merge_slashes=False)
 def manifest(job_id: str) -> Response:
     """What the same download would contain, with sizes, and its exact size."""
     plan, job_id, kind, checkpoint = _plan_from_request(job_id)
@@ -103,7 +133,8 @@ def manifest(job_id: str) -> Response:
     return jsonify(body)
 
 
-@blueprint.get("/api/training/<job_id>/files/<path:path>")
+@blueprint.get("/api/training/<artifacts_path:job_id>/files/<artifacts_path:path>",
+               merge_slashes=False)
 def download_file(job_id: str, path: str) -> Response:
     """One file of the job, with Range and conditional requests."""
     first = path.split("/", 1)[0]
@@ -111,11 +142,21 @@ def download_file(job_id: str, path: str) -> Response:
     authorize(job_id, "checkpoint" if checkpoint else "model", checkpoint)
     store = get_store()
     entry = store.file(store.job(job_id), path)
-    return send_entry(entry, mimetypes.guess_type(entry.path)[0] or "application/octet-stream",
-                      attachment=True)
+    mimetype = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
+    presign = getattr(store, "presigned_url", None)
+    if current_app.config["ARTIFACTS_PRESIGNED_REDIRECTS"] and presign is not None:
+        # Object storage serves the bytes (with Range) itself; the link is
+        # made only after the authorize callback and the path checks passed.
+        url = presign(entry, PRESIGNED_EXPIRES, filename=entry.path.rsplit("/", 1)[-1],
+                      content_type=mimetype)
+        if url:
+            response = redirect(url, code=307)
+            response.headers["Cache-Control"] = "no-store"
+            return response
+    return send_entry(entry, mimetype, attachment=True)
 
 
-@blueprint.get("/api/training/<job_id>/logs/training.log")
+@blueprint.get("/api/training/<artifacts_path:job_id>/logs/training.log", merge_slashes=False)
 def log_file(job_id: str) -> Response:
     """The raw training log as text; ``curl -r -4096-`` shows its tail."""
     authorize(job_id, "logs")
@@ -129,7 +170,7 @@ def log_file(job_id: str) -> Response:
     return send_entry(job.log, "text/plain; charset=utf-8", attachment=False)
 
 
-@blueprint.get("/api/training/checkpoints/<path:job_id>")
+@blueprint.get("/api/training/checkpoints/<artifacts_listing_id:job_id>", merge_slashes=False)
 def list_checkpoints(job_id: str) -> Response:
     authorize(job_id, "listing")
     store = get_store()
@@ -210,9 +251,14 @@ def _conditional(headers: dict[str, str], size: int | None, etag: str,
     if not is_resource_modified(request.environ, etag=etag, last_modified=last_modified):
         return Response(status=304, headers=headers)
     status, start, stop = 200, 0, size
-    if ranges and size is not None and request.range is not None and _if_range_holds(etag, last_modified):
-        if len(request.range.ranges) == 1:  # several ranges: the whole body
-            span = request.range.range_for_length(size)
+    wanted = request.range
+    if (ranges and size is not None and wanted is not None and wanted.units == "bytes"
+            and _if_range_holds(etag, last_modified)):
+        if len(wanted.ranges) == 1:  # several ranges: the whole body
+            first, last = wanted.ranges[0]
+            if first < 0 and last is None:  # a suffix longer than the body is all of it
+                first = max(first, -size)
+            span = Range("bytes", [(first, last)]).range_for_length(size) if size else None
             if span is None:
                 error = ArtifactsError(
                     f"The resource is {size} bytes; the requested range lies outside it.",
