@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import mimetypes
+import socket
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -331,9 +332,19 @@ def send_archive(plan: Plan, job_id: str, kind: str, checkpoint: str | None) -> 
     record = {"job_id": job_id, "kind": kind, "checkpoint": checkpoint,
               "remote_addr": request.remote_addr}
 
+    sock = request.environ.get("gunicorn.socket")
+
     def finished(body: ArchiveBody) -> None:
         if head:
             return
+        if not body.completed and sock is not None:
+            # gunicorn closes a connection "gracefully", waiting up to 2 s
+            # for the client to hang up, on the thread that serves every
+            # other request; a stalled or cut-off client never does.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         download_finished.send(app, **record, bytes_sent=body.bytes_sent,
                                completed=body.completed)
         logger.info("download %s job=%r kind=%s checkpoint=%s remote=%s range=%s bytes=%d %s",
