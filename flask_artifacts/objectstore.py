@@ -14,10 +14,11 @@ values, so routes, plans, errors and presets do not know where bytes live.
   checksum may be a CRC-32 (concurrently, once per object version and
   worker), so archives of objects uploaded with ``ChecksumAlgorithm=CRC32``
   have their exact bytes, ETag and ranges without reading a member first.
-- :meth:`FsspecStore.read` issues up to ``read_ahead`` ranged GETs at once
-  and yields them in order; closing it cancels what is still in flight.
-  Every response's ETag is compared with the listed one, so a replaced or
-  deleted object ends the stream with :class:`MemberChanged`.
+- :meth:`FsspecStore.read` fetches only the span asked for, as streamed
+  ranged GETs with up to ``read_ahead`` open at once, yielded in order;
+  closing it closes what is still open. Every answer's ETag is compared
+  with the listed one, so an object replaced or deleted before its bytes
+  were requested ends the stream with :class:`MemberChanged`.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ class FsspecStore:
     :param storage_options: Passed to :func:`fsspec.core.url_to_fs`
         (``ARTIFACTS_STORAGE_OPTIONS``); credentials and the endpoint may
         also come from the environment (``AWS_ENDPOINT_URL``).
-    :param read_ahead: Ranged GETs one read keeps in flight
-        (``ARTIFACTS_READ_AHEAD``); memory per read is this many chunks.
+    :param read_ahead: Ranged GETs one read keeps open at once
+        (``ARTIFACTS_READ_AHEAD``); each holds about one chunk in memory.
     :param health_timeout: Seconds :meth:`reachable` waits for an answer.
     """
 
@@ -113,10 +114,12 @@ class FsspecStore:
         self.read_ahead = max(1, int(read_ahead))
         self.health_timeout = health_timeout
         #: s3fs: HEADs with checksums, ranged GETs straight on fsspec's event loop.
-        self._s3 = callable(getattr(self.fs, "_call_s3", None)) and getattr(self.fs, "loop", None) is not None
+        self._s3 = (callable(getattr(self.fs, "_call_s3", None))
+                    and getattr(self.fs, "loop", None) is not None)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._crcs: collections.OrderedDict[tuple[str, int], int | None] = collections.OrderedDict()
+        self._crcs: collections.OrderedDict[tuple[str, int], int | None] = (
+            collections.OrderedDict())
         self._crcs_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -134,7 +137,8 @@ class FsspecStore:
                     params["Prefix"] = key + "/"
                 probe = asyncio.wait_for(self.fs._call_s3("list_objects_v2", **params),
                                          self.health_timeout)
-                asyncio.run_coroutine_threadsafe(probe, self.fs.loop).result(self.health_timeout + 1)
+                future = asyncio.run_coroutine_threadsafe(probe, self.fs.loop)
+                future.result(self.health_timeout + 1)
                 return True
             return bool(self._thread(self.fs.exists, self._root).result(self.health_timeout))
         except Exception as exc:
@@ -222,20 +226,24 @@ class FsspecStore:
         With ``check_readable`` (an archive is being planned) each object is
         HEADed once per version: a refused one raises ``file_unreadable``,
         and its stored full-object CRC-32, if any, becomes ``Entry.crc32``.
+        Objects the listing says carry other checksums only are not HEADed.
         """
         if job.root is None:
             return []
         files = self._listing(job.job_id).files
         prefix = "" if under is None else under + "/"
         base = self._job_dir(job.job_id)
-        entries = []
+        entries, other_checksums = [], set()
         for rel, info in files.items():
             if not rel.startswith(prefix) or rel == prefix:
                 continue
-            is_dir = rel.endswith("/")
-            entries.append(self._entry(rel, info, f"{base}/{rel}", is_dir=is_dir))
+            entry = self._entry(rel, info, f"{base}/{rel}", is_dir=rel.endswith("/"))
+            entries.append(entry)
+            algorithms = info.get("ChecksumAlgorithm")
+            if algorithms and "CRC32" not in algorithms:  # AWS's default CRC64NVME, say
+                other_checksums.add(entry.locator)
         if check_readable:
-            entries = self._with_checksums(entries)
+            entries = self._with_checksums(entries, other_checksums)
         entries.sort(key=lambda e: e.path)
         return entries
 
@@ -270,7 +278,7 @@ class FsspecStore:
 
     def check_readable(self, entry: Entry) -> None:
         """Raise :class:`FileUnreadable` now if the store refuses the object."""
-        self._with_checksums([entry])
+        self._with_checksums([entry], set())
 
     def open(self, entry: Entry, *, allow_growth: bool = False) -> io.RawIOBase:
         """A read-only, seekable file of the listed ``entry.size`` bytes.
@@ -300,10 +308,10 @@ class FsspecStore:
         Only the span asked for is fetched, as ranged GETs: one chunk first,
         so the first byte comes fast, then parts of :data:`MAX_PART`; up to
         ``read_ahead`` of them are open at once, so the next ones' round
-        trips overlap this one's transfer. Closing the
-        generator closes them. Every piece must come from the object version
-        that was listed (or, with ``allow_growth``, from one version at least
-        ``entry.size`` long), else :class:`MemberChanged`.
+        trips overlap this one's transfer. Closing the generator closes
+        them. Every piece must come from the object version that was listed
+        (or, with ``allow_growth``, from one version at least ``entry.size``
+        long), else :class:`MemberChanged`.
         """
         if length is None:
             length = entry.size - start
@@ -322,7 +330,8 @@ class FsspecStore:
         loop = self.fs.loop
         path = self._path(entry)
         spans = iter(_parts(start, length, chunk_size))
-        opened: collections.deque[tuple[_Part, concurrent.futures.Future[Any]]] = collections.deque()
+        opened: collections.deque[tuple[_Part, concurrent.futures.Future[Any]]]
+        opened = collections.deque()
         version = None if allow_growth else entry.identity[1]
         try:
             while True:
@@ -422,9 +431,9 @@ class FsspecStore:
         base = self._job_dir(job_id)
         try:
             if self._s3:
-                # One listing of every key starting with job_<id>: the folder,
-                # job_<id>.log and job_<id>_progress.json (and siblings, skipped).
-                listed = self.fs.find(self._root, prefix=name, detail=True)
+                from fsspec.asyn import sync
+
+                listed = sync(self.fs.loop, self._list_s3, base, name)
             else:
                 listed = self.fs.find(base, detail=True)
                 for extra in (f"{name}.log", f"{name}_progress.json"):
@@ -442,7 +451,8 @@ class FsspecStore:
             location = str(info.get("Key") or info.get("name") or location)
             location = self.fs._strip_protocol(location) if "://" in location else location
             if location.startswith(base + "/"):
-                raw[location[len(base) + 1:]] = info
+                if location != base + "/":  # the job folder's own marker
+                    raw[location[len(base) + 1:]] = info
             elif location.rsplit("/", 1)[0] == self._root:
                 root_files[location.rsplit("/", 1)[1]] = info
         files = _valid_keys(raw, name)
@@ -460,21 +470,63 @@ class FsspecStore:
                     or root_file(f"{name}_progress.json", "progress.json"))
         return _Listing(files, log, progress)
 
+    async def _list_s3(self, base: str, name: str) -> dict[str, Mapping[str, Any]]:
+        """The job folder's keys, and HEADs of ``job_<id>.log`` and ``job_<id>_progress.json``.
+
+        Three requests at once, each about this job only: a listing of the
+        prefix ``job_<id>`` would also page through ``job_<id>0/``,
+        ``job_<id>1/``... of every job whose id starts with this one.
+        """
+
+        async def head(rel: str) -> tuple[str, Mapping[str, Any]] | None:
+            location = f"{self._root}/{rel}"
+            bucket, key, _ = self.fs.split_path(location)
+            try:
+                answer = await self.fs._call_s3("head_object", Bucket=bucket, Key=key)
+            except (FileNotFoundError, PermissionError):
+                # S3 answers 403, not 404, for a missing key to a caller that
+                # may not list the bucket.
+                return None
+            return location, {"ETag": answer.get("ETag", ""), "type": "file",
+                              "LastModified": answer.get("LastModified"),
+                              "size": int(answer.get("ContentLength") or 0)}
+
+        async def folder() -> dict[str, Mapping[str, Any]]:
+            try:
+                return await self.fs._find(base, detail=True)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return {}
+
+        found, *extras = await asyncio.gather(folder(), head(f"{name}.log"),
+                                              head(f"{name}_progress.json"))
+        listed = dict(found)
+        listed.update(extra for extra in extras if extra is not None)
+        return listed
+
     def _entry(self, rel: str, info: Mapping[str, Any], location: str, *,
                is_dir: bool = False) -> Entry:
         mtime = _mtime_ns(info)
         return Entry(rel, 0 if is_dir else int(info.get("size") or 0), mtime, is_dir,
                      self.fs.unstrip_protocol(location), (0, _tag(info), mtime))
 
-    def _with_checksums(self, entries: list[Entry]) -> list[Entry]:
+    def _with_checksums(self, entries: list[Entry], no_crc32: set[str]) -> list[Entry]:
         """``entries`` with their stored CRC-32s, HEADing each object version once.
 
         Also the readability check: a HEAD refused with 403 raises
-        ``file_unreadable`` before the first byte.
+        ``file_unreadable`` before the first byte. ``no_crc32``: locators
+        known from the listing to have no CRC-32; they are not asked.
         """
         if not self._s3:
             return entries
-        wanted = [e for e in entries if not e.is_dir and self._memo((e.locator, e.identity[1])) is _UNKNOWN]
+        wanted = []
+        for entry in entries:
+            key = (entry.locator, entry.identity[1])
+            if entry.is_dir or self._memo(key) is not _UNKNOWN:
+                continue
+            if entry.locator in no_crc32:
+                self._remember(key, None)
+            else:
+                wanted.append(entry)
         if wanted:
             from fsspec.asyn import sync
 
@@ -686,11 +738,11 @@ class _ObjectFile(io.RawIOBase):
                         allow_growth=self._growth)
                 try:
                     chunk = next(self._chunks, None)
-                except MemberChanged:
+                except (MemberChanged, PermissionError):
                     raise
-                except StreamError as exc:
-                    # The storage failed (not the object): progress.json and
-                    # trainer_state.json reads answer 503, not "unknown".
+                except (StreamError, OSError) as exc:
+                    # The storage failed, not the object: a progress.json or
+                    # trainer_state.json read answers 503, not "unknown".
                     raise self._store._unavailable(exc) from exc
                 if chunk is None:
                     self._chunks = None
@@ -732,7 +784,8 @@ def _valid_keys(raw: Mapping[str, Mapping[str, Any]], job: str) -> dict[str, Map
             logger.warning("Leaving out object %r of %s: its key %s.", rel, job, problem)
             continue
         good[rel] = info
-    folders = {rel[: i + 1] for rel in good for i, c in enumerate(rel) if c == "/" and i < len(rel) - 1}
+    # Every folder some key lies below ("a/" and "a/b/" for "a/b/c").
+    folders = {rel[: i + 1] for rel in good for i, c in enumerate(rel[:-1]) if c == "/"}
     out = {}
     for rel, info in good.items():
         if rel.endswith("/"):
