@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from typing import TYPE_CHECKING
 
 from . import fast
 from .cache import ChecksumCache
 from .errors import ArtifactsError, CheckpointNotFound, JobNotCompleted, MemberChanged
 from .extension import job_status
-from .jobs import PROGRESS_NAME, Checkpoint, Entry, Job, LocalStore, job_state
+from .jobs import PROGRESS_NAME, Checkpoint, Entry, Job, job_state
 from .plan import DEFLATE, STORE, Plan, make_plan
 from .selection import Selection
+
+if TYPE_CHECKING:
+    from .extension import Store
 
 KINDS = ("model", "checkpoint", "logs")
 
@@ -31,7 +35,7 @@ class JobView:
     unsettled: dict[str, str]
 
 
-def view_job(store: LocalStore, job: Job, *, settle_seconds: float = 10,
+def view_job(store: Store, job: Job, *, settle_seconds: float = 10,
              check_readable: bool = False) -> JobView:
     status = job_status(store, job)
     state = job_state(status, store.has_model(job))
@@ -58,7 +62,7 @@ def _still_written(checkpoint: Checkpoint, entries: tuple[Entry, ...],
     return None
 
 
-def model_items(store: LocalStore, job: Job) -> list[tuple[str, Entry]]:
+def model_items(store: Store, job: Job) -> list[tuple[str, Entry]]:
     """The job folder (final model and every checkpoint) under ``job_<id>/``.
 
     progress.json and the job's log are left out: they are the logs archive.
@@ -68,7 +72,7 @@ def model_items(store: LocalStore, job: Job) -> list[tuple[str, Entry]]:
             for e in store.scan(job, check_readable=True) if e.path not in skip]
 
 
-def resolve_checkpoint(store: LocalStore, view: JobView, name: str) -> Checkpoint:
+def resolve_checkpoint(store: Store, view: JobView, name: str) -> Checkpoint:
     """The checkpoint asked for: a name, ``latest`` (highest step) or ``best``."""
     settled = [c for c, _ in view.checkpoints]
     if name == "latest":
@@ -87,7 +91,7 @@ def resolve_checkpoint(store: LocalStore, view: JobView, name: str) -> Checkpoin
     return wanted
 
 
-def _best_checkpoint(store: LocalStore, view: JobView, settled: list[Checkpoint]) -> Checkpoint:
+def _best_checkpoint(store: Store, view: JobView, settled: list[Checkpoint]) -> Checkpoint:
     """``best_model_checkpoint`` of the latest checkpoint's trainer_state.json."""
     names = [c.name for c in settled]
     if not settled:
@@ -117,12 +121,12 @@ def _best_checkpoint(store: LocalStore, view: JobView, settled: list[Checkpoint]
         available=names)
 
 
-def checkpoint_items(store: LocalStore, checkpoint: Checkpoint, job: Job) -> list[tuple[str, Entry]]:
+def checkpoint_items(store: Store, checkpoint: Checkpoint, job: Job) -> list[tuple[str, Entry]]:
     entries = store.scan(job, checkpoint.name, check_readable=True)
     return [(e.path, e) for e in entries]
 
 
-def logs_items(store: LocalStore, job: Job) -> list[tuple[str, Entry]]:
+def logs_items(store: Store, job: Job) -> list[tuple[str, Entry]]:
     if job.log is None:
         raise ArtifactsError(
             f"Job {job.job_id!r} has no log yet. It is written as soon as training starts.",
@@ -145,7 +149,7 @@ def require_completed(view: JobView) -> None:
             job_status=said, state=view.state)
 
 
-def plan_download(store: LocalStore, cache: ChecksumCache, job: Job, kind: str, *,
+def plan_download(store: Store, cache: ChecksumCache, job: Job, kind: str, *,
                   checkpoint: str | None = None, method: str = STORE,
                   settle_seconds: float = 10, selection: Selection | None = None) -> Plan:
     """Plan the archive for one download, raising its JSON error if it cannot be made."""
@@ -181,7 +185,7 @@ def plan_download(store: LocalStore, cache: ChecksumCache, job: Job, kind: str, 
                      hashes=hashes)
 
 
-def fill_checksums(store: LocalStore, cache: ChecksumCache, entries: list[Entry], *,
+def fill_checksums(store: Store, cache: ChecksumCache, entries: list[Entry], *,
                    sha256: bool = False, chunk_size: int = 1 << 20) -> tuple[int, dict[str, str]]:
     """Compute and cache what the cache lacks for ``entries``, in one read each.
 

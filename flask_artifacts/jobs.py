@@ -140,6 +140,40 @@ def contained(root: str, path: str) -> str | None:
     return None
 
 
+def job_id_of(name: str) -> str | None:
+    """The job id in a name the training server writes (``job_<id>``,
+    ``job_<id>.log``, ``job_<id>_progress.json``), or None."""
+    if not name.startswith("job_"):
+        return None
+    stem = name[4:]
+    for suffix in ("_progress.json", ".log"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    try:
+        return validate_job_id(stem)
+    except InvalidJobId:
+        return None
+
+
+def file_path_parts(job: Job, path: str) -> tuple[list[str], ArtifactsError]:
+    """Split a user-given file path, or raise ``invalid_path``.
+
+    Also returns the ``file_not_found`` error to raise when it names nothing.
+    """
+    parts = path.split("/")
+    if (not path or len(path) > 4096 or any(p in ("", ".", "..") for p in parts)
+            or any(_member_name_problem(p) for p in parts)):
+        raise ArtifactsError(
+            "File paths are '/'-separated names inside the job folder, such as"
+            " 'model.safetensors' or 'checkpoint-20/trainer_state.json'.",
+            code="invalid_path", status=400)
+    missing = ArtifactsError(
+        f"Job {job.job_id!r} has no file {path!r}. The manifest lists its files.",
+        code="file_not_found", status=404)
+    return parts, missing
+
+
 def _member_name_problem(name: str) -> str | None:
     try:
         name.encode("utf-8")
@@ -187,24 +221,11 @@ class LocalStore:
 
     def job_ids(self) -> list[str]:
         """Ids of the jobs that have a directory, a log or a progress file."""
-        ids: set[str] = set()
         try:
             names = os.listdir(self.root)
         except OSError:
             return []
-        for name in names:
-            if not name.startswith("job_"):
-                continue
-            stem = name[4:]
-            for suffix in ("_progress.json", ".log"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            try:
-                ids.add(validate_job_id(stem))
-            except InvalidJobId:
-                continue
-        return sorted(ids)
+        return sorted({i for i in map(job_id_of, names) if i is not None})
 
     def checkpoints(self, job: Job) -> list[Checkpoint]:
         """The job's ``checkpoint-<step>`` folders, by step as a number."""
@@ -362,16 +383,7 @@ class LocalStore:
         Raises ``invalid_path`` (400) for a path that could never name a
         member and ``file_not_found`` (404) for one that names nothing here.
         """
-        parts = path.split("/")
-        if (not path or len(path) > 4096 or any(p in ("", ".", "..") for p in parts)
-                or any(_member_name_problem(p) for p in parts)):
-            raise ArtifactsError(
-                "File paths are '/'-separated names inside the job folder, such as"
-                " 'model.safetensors' or 'checkpoint-20/trainer_state.json'.",
-                code="invalid_path", status=400)
-        missing = ArtifactsError(
-            f"Job {job.job_id!r} has no file {path!r}. The manifest lists its files.",
-            code="file_not_found", status=404)
+        parts, missing = file_path_parts(job, path)
         if job.root is None:
             raise missing
         real = contained(job.root, os.path.join(job.root, *parts))

@@ -43,10 +43,11 @@ from .jobs import (
     WEIGHT_RE,
     Checkpoint,
     Entry,
-    InvalidJobId,
     Job,
     LocalStore,
     _member_name_problem,
+    file_path_parts,
+    job_id_of,
     validate_job_id,
 )
 
@@ -166,21 +167,8 @@ class FsspecStore:
             return []
         except Exception as exc:
             raise self._unavailable(exc) from exc
-        ids: set[str] = set()
-        for item in items:
-            name = str(item).rstrip("/").rsplit("/", 1)[-1]
-            if not name.startswith("job_"):
-                continue
-            stem = name[4:]
-            for suffix in ("_progress.json", ".log"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            try:
-                ids.add(validate_job_id(stem))
-            except InvalidJobId:
-                continue
-        return sorted(ids)
+        names = (str(item).rstrip("/").rsplit("/", 1)[-1] for item in items)
+        return sorted({i for i in map(job_id_of, names) if i is not None})
 
     def checkpoints(self, job: Job) -> list[Checkpoint]:
         """The job's ``checkpoint-<step>`` folders, by step as a number."""
@@ -249,16 +237,7 @@ class FsspecStore:
 
     def file(self, job: Job, path: str) -> Entry:
         """One object of the job by its ``/``-separated path, checked like a scan."""
-        parts = path.split("/")
-        if (not path or len(path) > 4096 or any(p in ("", ".", "..") for p in parts)
-                or any(_member_name_problem(p) for p in parts)):
-            raise ArtifactsError(
-                "File paths are '/'-separated names inside the job folder, such as"
-                " 'model.safetensors' or 'checkpoint-20/trainer_state.json'.",
-                code="invalid_path", status=400)
-        missing = ArtifactsError(
-            f"Job {job.job_id!r} has no file {path!r}. The manifest lists its files.",
-            code="file_not_found", status=404)
+        _, missing = file_path_parts(job, path)
         if job.root is None:
             raise missing
         location = f"{self._job_dir(job.job_id)}/{path}"

@@ -7,7 +7,7 @@ Flask way: a template at ``templates/artifacts/job.html`` (or ``index.html``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import abort, current_app, jsonify, render_template, request, url_for
 
@@ -15,7 +15,10 @@ from . import archives
 from .errors import ArtifactsError, InvalidParameter
 from .extension import authorize, get_store, job_status, state
 from .headers import iso_utc
-from .jobs import Job, LocalStore, job_state
+from .jobs import Job, job_state
+
+if TYPE_CHECKING:
+    from .extension import Store
 
 MAX_PER_PAGE = 500
 
@@ -63,7 +66,7 @@ def job_links(job_id: str) -> dict[str, Any]:
             "log_url": url_for("artifacts.log_file", job_id=job.job_id) if job.log else None}
 
 
-def _job_summary(store: LocalStore, job: Job) -> dict[str, Any]:
+def _job_summary(store: Store, job: Job) -> dict[str, Any]:
     status = job_status(store, job)
     entries = store.scan(job)
     pages = current_app.config["ARTIFACTS_PAGES"]

@@ -16,15 +16,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, ZipError, stream_zip
 
 from . import fast
 from .cache import ChecksumCache
 from .errors import StreamError
-from .jobs import LocalStore
 from .plan import Member, Plan
+
+if TYPE_CHECKING:
+    from .extension import Store
 
 logger = logging.getLogger("flask_artifacts")
 
@@ -32,7 +34,7 @@ logger = logging.getLogger("flask_artifacts")
 class ArchiveBody:
     """Iterable of the archive's bytes ``[start, stop)`` for a WSGI server."""
 
-    def __init__(self, plan: Plan, store: LocalStore, cache: ChecksumCache, *,
+    def __init__(self, plan: Plan, store: Store, cache: ChecksumCache, *,
                  start: int = 0, stop: int | None = None, chunk_size: int = 1 << 20,
                  get_compressobj: Callable[[], Any] | None = None,
                  on_close: Iterable[Callable[[ArchiveBody], None]] = (),

@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import PathConverter
 from werkzeug.datastructures import Range
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date, is_resource_modified
+from werkzeug.routing import PathConverter
 
 from . import archives, pages
 from .errors import ArtifactsError, InvalidParameter, json_http_error
@@ -61,6 +61,8 @@ class _ListingId(_AnyPath):
 def _register_converters(setup: Any) -> None:
     setup.app.url_map.converters.setdefault("artifacts_path", _AnyPath)
     setup.app.url_map.converters.setdefault("artifacts_listing_id", _ListingId)
+
+
 blueprint.register_error_handler(ArtifactsError, lambda e: e.to_response())
 blueprint.register_error_handler(HTTPException, json_http_error)
 blueprint.add_url_rule("/api/training/jobs", "list_jobs", pages.list_jobs)
