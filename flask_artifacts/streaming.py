@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_artifacts")
 
+#: A member at least this large whose CRC is not known yet starts a new
+#: stream-zip segment, so the bytes before it are sent before its read pass.
+SEGMENT_BEFORE = 16 << 20
+
 
 class ArchiveBody:
     """Iterable of the archive's bytes ``[start, stop)`` for a WSGI server."""
@@ -115,6 +119,13 @@ class ArchiveBody:
 
     def _full(self) -> Iterator[bytes]:
         expected = self.plan.size
+        if expected is not None and self._cold_large_members():
+            # Each large member without a known CRC needs a read pass before
+            # its header, and stream-zip holds back up to a chunk meanwhile:
+            # stream in segments that end before each one instead, so the
+            # bytes made so far go out first (the same bytes, see _range).
+            yield from self._range(0, expected)
+            return
         zipped = iter(self._zip(range(len(self.plan.members))))
         if expected is None:
             yield from zipped
@@ -150,15 +161,25 @@ class ArchiveBody:
                 i += 1
         if pos < stop and pos < plan.central_offset:
             last = bisect.bisect_left(offsets, stop) - 1
-            length = min(stop, members[last].end) - pos
-            zipped = self._zip(range(i, last + 1))
-            yield from _slice(zipped, pos - members[i].offset, length)
-            pos += length
+            for group in self._segments(i, last + 1):
+                end = min(stop, members[group[-1]].end)
+                yield from _slice(self._zip(group), pos - members[group[0]].offset, end - pos)
+                pos = end
         if pos < stop:
             for index in range(len(members)):
                 self._crc(index)
             tail = plan.central_directory(self.crcs)
             yield tail[pos - plan.central_offset:stop - plan.central_offset]
+
+    def _cold_large_members(self) -> list[int]:
+        return [i for i, (m, crc) in enumerate(zip(self.plan.members, self.crcs))
+                if crc is None and m.entry.size >= SEGMENT_BEFORE]
+
+    def _segments(self, first: int, stop: int) -> Iterator[range]:
+        """Split members ``[first, stop)`` before each large one whose CRC is unknown."""
+        cuts = [i for i in self._cold_large_members() if first < i < stop]
+        for start, end in zip([first] + cuts, cuts + [stop]):
+            yield range(start, end)
 
     def _zip(self, indices: range) -> Iterator[bytes]:
         return stream_zip(self._members(indices), chunk_size=self.chunk_size,

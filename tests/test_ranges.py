@@ -462,3 +462,46 @@ def test_cli_index_of_an_unknown_job_fails(runner, logs_dir):
     result = runner.invoke(args=["artifacts", "index", "nope"])
     assert result.exit_code != 0
     assert "nope" in result.output
+
+
+# -- a cold download streams in segments before large members ---------------------
+
+
+def test_cold_download_sends_bytes_before_a_large_members_read_pass(
+        logs_dir, cache_dir, make_job, reads):
+    """The first bytes go out before the CRC pass of a large uncached member.
+
+    With a cold cache, a member of at least ``SEGMENT_BEFORE`` bytes needs a
+    read pass before its header; the stream ends a stream-zip segment before
+    it, so the small members ahead of it reach the client first. The bytes
+    are the same as those of a warm download, which is one stream-zip run.
+    """
+    from flask_artifacts.streaming import SEGMENT_BEFORE
+
+    job = make_job("seg", checkpoints=(10,))
+    big = job / "pytorch_model.bin"
+    size = 18 << 20
+    assert size >= SEGMENT_BEFORE
+    with open(big, "wb") as f:  # real bytes, large enough to start a segment
+        block = os.urandom(1 << 20)
+        for _ in range(size // len(block)):
+            f.write(block)
+    app = make_app(logs_dir, cache_dir)  # 1 MiB chunks: more than all that precedes it
+    client = app.test_client()
+
+    cold = client.get("/api/training/seg/download/model", buffered=False)
+    first = next(iter(cold.response))
+    assert first.startswith(b"PK\x03\x04")
+    assert "pytorch_model.bin" not in {path for path, _, _ in reads}
+    cold_body = first + b"".join(cold.response)
+    cold.close()
+    assert "pytorch_model.bin" in {path for path, _, _ in reads}
+    assert len(cold_body) == int(cold.headers["Content-Length"])
+
+    reads.clear()
+    warm = client.get("/api/training/seg/download/model")
+    assert [path for path, _, _ in reads].count("pytorch_model.bin") == 1  # no CRC pass
+    assert warm.data == cold_body
+    archive = open_zip(cold_body)
+    assert archive.testzip() is None
+    assert archive.read("job_seg/pytorch_model.bin") == big.read_bytes()
