@@ -20,7 +20,10 @@ def jobs_command() -> None:
     """List the jobs in ARTIFACTS_LOGS_DIR with their state."""
     store = get_store()
     for job_id in store.job_ids():
-        job = store.job(job_id)
+        try:
+            job = store.job(job_id)
+        except ArtifactsError:
+            continue  # a name that leads outside LOGS_DIR, or removed meanwhile
         click.echo(f"{job_id}\t{job_state(job_status(store, job), store.has_model(job))}")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, url_for
 from werkzeug.datastructures import Range
 from werkzeug.exceptions import HTTPException
-from werkzeug.http import http_date, is_resource_modified
+from werkzeug.http import http_date
 from werkzeug.routing import PathConverter
 
 from . import archives, pages
@@ -75,7 +75,8 @@ def _register_pages(setup: Any) -> None:
     if config.get("ARTIFACTS_PAGES", True):
         prefix = config.get("ARTIFACTS_PAGES_PREFIX", "/jobs").rstrip("/")
         setup.add_url_rule(prefix or "/", "job_index", pages.job_index)
-        setup.add_url_rule(f"{prefix}/<job_id>", "job_page", pages.job_page)
+        setup.add_url_rule(f"{prefix}/<artifacts_path:job_id>", "job_page", pages.job_page,
+                           merge_slashes=False)
 
 
 @blueprint.get("/api/training/<artifacts_path:job_id>/download/model", merge_slashes=False)
@@ -251,7 +252,24 @@ def _conditional(headers: dict[str, str], size: int | None, etag: str,
 
     Returns an early response (304, 416) or ``(status, start, stop)``.
     """
-    if not is_resource_modified(request.environ, etag=etag, last_modified=last_modified):
+    if_match = request.if_match
+    if request.headers.get("If-Match") is not None:
+        failed = not (if_match.star_tag or etag in {f'"{t}"' for t in if_match.as_set()})
+    else:
+        since = request.if_unmodified_since
+        failed = since is not None and last_modified > since
+    if failed:
+        error = ArtifactsError("The resource changed since the version the request names"
+                               " (If-Match / If-Unmodified-Since).",
+                               code="precondition_failed", status=412)
+        return error.to_response()  # type: ignore[no-any-return]
+    opaque = etag[2:] if etag.startswith("W/") else etag
+    if request.headers.get("If-None-Match") is not None:
+        not_modified = request.if_none_match.contains_weak(opaque.strip('"'))
+    else:
+        since = request.if_modified_since
+        not_modified = since is not None and last_modified <= since
+    if not_modified:
         return Response(status=304, headers=headers)
     status, start, stop = 200, 0, size
     wanted = request.range

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import typing as t
 import zipfile
 from pathlib import Path
@@ -152,3 +153,15 @@ def test_invalid_job_id_fails_clearly(cli: FlaskCliRunner) -> None:
     assert result.exit_code != 0
     assert "job id" in result.output.lower(), result.output
     assert "Traceback" not in result.output
+
+
+def test_jobs_command_skips_job_names_that_lead_outside(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    make_job(logs, "real")
+    os.symlink("/etc", logs / "job_etc")
+    os.symlink(tmp_path / "missing", logs / "job_dangling")
+    app = create_app({"TESTING": True, "ARTIFACTS_LOGS_DIR": str(logs),
+                      "ARTIFACTS_CACHE_DIR": str(tmp_path / "cache")})
+    result = app.test_cli_runner().invoke(args=["artifacts", "jobs"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["real", "completed"]

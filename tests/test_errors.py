@@ -365,3 +365,9 @@ def test_refused_requests_leave_logs_dir_unchanged(client, job, logs_dir):
         for route in ROUTES.values():
             client.get(route.format(raw))
     assert snapshot_tree(logs_dir) == before
+
+
+@pytest.mark.parametrize("raw", ["a%2Fb", "%2e%2e", "a%00b"])
+def test_job_page_refuses_bad_ids_as_json(client, raw):
+    response = client.get(f"/jobs/{raw}")
+    assert_json_error(response, 400, "invalid_job_id")

@@ -505,3 +505,23 @@ def test_cold_download_sends_bytes_before_a_large_members_read_pass(
     archive = open_zip(cold_body)
     assert archive.testzip() is None
     assert archive.read("job_seg/pytorch_model.bin") == big.read_bytes()
+
+
+# -- If-Match and If-Unmodified-Since --------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [URL, LOGS_URL.format("abc123"), "/api/training/abc123/files/config.json"])
+def test_failed_preconditions_answer_412(logs_dir, cache_dir, url):
+    write_served_job(logs_dir)
+    client = make_app(logs_dir, cache_dir).test_client()
+    etag = client.head(url).headers["ETag"]
+    assert client.get(url, headers={"If-Match": '"not-this-one"'}).status_code == 412
+    assert client.get(url, headers={
+        "If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}).status_code == 412
+    assert client.get(url, headers={"If-Match": "*"}).status_code == 200
+    # If-Match compares strongly: only a strong ETag can match itself.
+    assert client.get(url, headers={"If-Match": etag}).status_code == (
+        412 if etag.startswith("W/") else 200)
+    refused = client.get(url, headers={"If-Match": '"not-this-one"'})
+    assert refused.json["error"] == "precondition_failed"
+    assert b"PK\x03\x04" not in refused.data
