@@ -398,6 +398,8 @@ def listing_under_load(server: Server, job_path: str, listing_path: str, expect:
 ROWS = {
     "cold": "stored archive, cold CRC cache",
     "warm": "stored archive, warm CRC cache",
+    "sums_hashing": "+ SHA256SUMS, hashed while streaming",
+    "sums_cached": "+ SHA256SUMS, hashes cached",
     "sendfile": "send_file of one plain file",
     "zipstream": "zipstream-ng sized, stored",
     "bytesio": "zipfile into BytesIO, stored",
@@ -430,6 +432,9 @@ def run_rounds(args: argparse.Namespace, tmp: Path, logs: Path, plain: Path,
                 ("cold", model.format("large"), sizes["large"]),
                 ("small_warm", model.format("small"), sizes["small"]),
                 ("warm", model.format("large"), sizes["large"]),
+                # SHA256SUMS adds one member: curl checks the Content-Length.
+                ("sums_hashing", model.format("large") + "?sha256sums=1", None),
+                ("sums_cached", model.format("large") + "?sha256sums=1", None),
                 ("sendfile", "/bench/sendfile/large", sizes["large"]),
                 # Its own layout, a few bytes off ours; curl checks its Content-Length.
                 ("zipstream", "/bench/zipstream/large", None),
