@@ -952,7 +952,7 @@ class UnprivilegedServer(GunicornServer):
     Preferably as ``nobody`` from the start (``setpriv``), not only its
     workers (gunicorn's ``--user``): a worker that drops privileges after
     the interpreter started as root cannot import the standard-library
-    modules it loads lazily when the interpreter lives under /root (pyenv).
+    modules it loads lazily when the interpreter lives in a directory only root can read.
     Where ``nobody`` cannot run this checkout at all (a clone or venv under
     /root), the server runs as root without CAP_DAC_OVERRIDE and
     CAP_DAC_READ_SEARCH, the capabilities that let root bypass permission
