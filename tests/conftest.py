@@ -14,9 +14,11 @@ from flask_artifacts.jobs import LocalStore
 try:
     from tests import jobtree
     from tests.helpers import make_app
+    from tests.server import GunicornServer, gunicorn_server_factory
 except ImportError:  # tests/ itself on sys.path
     import jobtree  # type: ignore[no-redef]
     from helpers import make_app  # type: ignore[no-redef]
+    from server import GunicornServer, gunicorn_server_factory  # type: ignore[no-redef]
 
 
 @pytest.fixture
@@ -74,3 +76,11 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int | None]]:
 
     monkeypatch.setattr(LocalStore, "read", counting_read)
     return seen
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory
+                 ) -> t.Callable[..., t.ContextManager[GunicornServer]]:
+    """``with start_server(logs_dir=None, **options) as server:``, a fresh gunicorn
+    with the shipped config (see ``tests/server.py``)."""
+    return gunicorn_server_factory(tmp_path_factory)

@@ -57,10 +57,10 @@ import pytest
 
 try:
     from tests.jobtree import files_under, make_job, sparse_file
-    from tests.server import REPO, GunicornServer, gunicorn_server_factory
+    from tests.server import REPO, GunicornServer
 except ImportError:  # tests/ itself on sys.path
     from jobtree import files_under, make_job, sparse_file  # type: ignore[no-redef]
-    from server import REPO, GunicornServer, gunicorn_server_factory  # type: ignore[no-redef]
+    from server import REPO, GunicornServer  # type: ignore[no-redef]
 
 from flask_artifacts import create_app
 from flask_artifacts.archives import plan_download
@@ -76,13 +76,6 @@ GiB = 1 << 30
 
 
 # -- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def start_server(tmp_path_factory: pytest.TempPathFactory
-                 ) -> t.Callable[..., t.ContextManager[GunicornServer]]:
-    """``with start_server(logs_dir=None, **options) as server:``, a fresh gunicorn."""
-    return gunicorn_server_factory(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,10 @@ import pytest
 
 try:
     from tests.jobtree import make_job, sparse_file
-    from tests.server import GunicornServer, gunicorn_server_factory
+    from tests.server import GunicornServer
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import)
     from jobtree import make_job, sparse_file  # type: ignore[no-redef]
-    from server import GunicornServer, gunicorn_server_factory  # type: ignore[no-redef]
+    from server import GunicornServer  # type: ignore[no-redef]
 
 from flask_artifacts import create_app
 
@@ -44,13 +44,6 @@ GiB = 1 << 30
 
 
 # -- fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def start_server(tmp_path_factory: pytest.TempPathFactory
-                 ) -> t.Callable[..., t.ContextManager[GunicornServer]]:
-    """``with start_server(logs_dir=None, timeout=..., ...) as server:``, a fresh gunicorn."""
-    return gunicorn_server_factory(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,11 @@ from pathlib import Path
 import pytest
 
 try:
+    from tests.helpers import extra_ids
     from tests.jobtree import make_job, sparse_file
     from tests.server import GunicornServer, gunicorn_server_factory
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import)
+    from helpers import extra_ids  # type: ignore[no-redef]
     from jobtree import make_job, sparse_file  # type: ignore[no-redef]
     from server import GunicornServer, gunicorn_server_factory  # type: ignore[no-redef]
 
@@ -520,7 +522,7 @@ def test_first_member_is_not_zip64(fixture: str, archives: Archives) -> None:
     extra = head[30 + name_len:30 + name_len + extra_len]
     assert version == 20, (name, version)
     assert not flags & 0x08, f"{name}: data descriptor"
-    assert 0x0001 not in _extra_ids(extra), f"{name}: ZIP64 extra field"
+    assert 0x0001 not in extra_ids(extra), f"{name}: ZIP64 extra field"
     assert 0xFFFFFFFF not in (csize, usize), name
     assert name in archive.members
     if fixture in ("large", "many"):
@@ -537,16 +539,6 @@ def test_first_member_is_not_zip64(fixture: str, archives: Archives) -> None:
             assert infos[f"{top}/zz-after-the-big-one.txt"].header_offset > 4 * GiB
         else:
             assert len(infos) > 0xFFFF
-
-
-def _extra_ids(extra: bytes) -> list[int]:
-    ids, pos = [], 0
-    while pos + 4 <= len(extra):
-        header_id, length = struct.unpack_from("<HH", extra, pos)
-        ids.append(header_id)
-        pos += 4 + length
-    assert pos == len(extra), "extra field ends mid-record"
-    return ids
 
 
 # -- the summary table ---------------------------------------------------------------------
