@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import struct
+import time
 import typing as t
 import zipfile
 from pathlib import Path
@@ -177,3 +178,13 @@ def assert_json_error(response: t.Any, status: int, code: str) -> dict[str, t.An
     assert body["error"] == code, body
     assert isinstance(body["message"], str) and body["message"]
     return body
+
+
+def wait_for(condition: t.Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()

@@ -56,9 +56,11 @@ import numpy as np
 import pytest
 
 try:
+    from tests.helpers import wait_for
     from tests.jobtree import files_under, make_job, sparse_file
     from tests.server import REPO, GunicornServer
 except ImportError:  # tests/ itself on sys.path
+    from helpers import wait_for  # type: ignore[no-redef]
     from jobtree import files_under, make_job, sparse_file  # type: ignore[no-redef]
     from server import REPO, GunicornServer  # type: ignore[no-redef]
 
@@ -124,14 +126,6 @@ def get_json(server: GunicornServer, path: str) -> tuple[int, t.Any, dict[str, t
     assert headers["Content-Type"] == "application/json", (status, headers, body[:300])
     return status, headers, json.loads(body)
 
-
-def wait_for(condition: t.Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 def backdate(root: Path, seconds: float = 3600) -> None:

@@ -28,9 +28,11 @@ import numpy as np
 import pytest
 
 try:
+    from tests.helpers import wait_for
     from tests.jobtree import make_job, sparse_file
     from tests.server import GunicornServer
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import)
+    from helpers import wait_for  # type: ignore[no-redef]
     from jobtree import make_job, sparse_file  # type: ignore[no-redef]
     from server import GunicornServer  # type: ignore[no-redef]
 
@@ -177,14 +179,6 @@ def open_files_under(pid: int, directory: Path) -> list[str]:
                 found.append(target)
     return found
 
-
-def wait_for(condition: t.Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def crc_of_file(path: Path) -> int:

@@ -34,9 +34,11 @@ import numpy as np
 import pytest
 
 try:
+    from tests.helpers import wait_for
     from tests.jobtree import make_job, sparse_file
     from tests.server import REPO, GunicornServer, free_port, gunicorn_server_factory
 except ImportError:  # tests/ itself on sys.path
+    from helpers import wait_for  # type: ignore[no-redef]
     from jobtree import make_job, sparse_file  # type: ignore[no-redef]
     from server import REPO, GunicornServer, free_port, gunicorn_server_factory  # type: ignore[no-redef]
 
@@ -395,11 +397,3 @@ def test_access_logs_never_hold_a_signature(upstream, proxy):
     assert "expires=" not in logged
     assert "abcSECRETsig" not in upstream.log and "signature=" not in upstream.log
 
-
-def wait_for(condition: t.Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()

@@ -33,12 +33,12 @@ import numpy as np
 import pytest
 
 try:
-    from tests.helpers import make_app
+    from tests.helpers import make_app, wait_for
     from tests.jobtree import make_job
     from tests.motoserver import AWS_ENV, FaultProxy, MotoServer, need_s3, s3_client, upload_tree
     from tests.server import GunicornServer, free_port
 except ImportError:  # tests/ itself on sys.path
-    from helpers import make_app  # type: ignore[no-redef]
+    from helpers import make_app, wait_for  # type: ignore[no-redef]
     from jobtree import make_job  # type: ignore[no-redef]
     from motoserver import (AWS_ENV, FaultProxy, MotoServer, need_s3,  # type: ignore[no-redef]
                             s3_client, upload_tree)
@@ -610,15 +610,6 @@ def assert_valid_download(port: int, path: str, want: dict[str, bytes] | None = 
         assert got == want
 
 
-def wait_for(condition: t.Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def big_job(base: Path, job_id: str, size: int = 16 * MiB) -> Path:
     """A finished job whose last members are a large object and a small one after it."""
     return make_job(base, job_id, checkpoints=(10,), extra_files={
@@ -656,7 +647,7 @@ def test_faults_through_the_proxy_fail_visibly_and_the_worker_recovers(bucket, t
         assert len(body) < length
         with pytest.raises(zipfile.BadZipFile):
             zipfile.ZipFile(io.BytesIO(body))
-        assert wait_for(lambda: "later.bin was deleted" in server.log), server.log[-3000:]
+        assert wait_for(lambda: "later.bin was deleted" in server.log, timeout=15, step=0.1), server.log[-3000:]
 
         # The endpoint starts refusing with 503 SlowDown mid-stream.
         conn, response = open_download(server.port, "/api/training/keep/download/model")
@@ -666,9 +657,9 @@ def test_faults_through_the_proxy_fail_visibly_and_the_worker_recovers(bucket, t
         body = head + read_all(response)
         conn.close()
         assert len(body) < length and proxy.refused > 0
-        assert wait_for(lambda: get(server.port, "/healthz")[0] == 503)
+        assert wait_for(lambda: get(server.port, "/healthz")[0] == 503, timeout=15, step=0.1)
         proxy.slowdown = False
-        assert wait_for(lambda: get(server.port, "/healthz")[0] == 200)
+        assert wait_for(lambda: get(server.port, "/healthz")[0] == 200, timeout=15, step=0.1)
         assert_valid_download(server.port, "/api/training/keep/download/model", keep)
 
         # Slow but steady storage: the archive is whole, only later.
@@ -701,7 +692,7 @@ def test_endpoint_killed_mid_stream_fails_visibly_and_health_follows(tmp_path):
             assert len(body) < length
             with pytest.raises(zipfile.BadZipFile):
                 zipfile.ZipFile(io.BytesIO(body))
-            assert wait_for(lambda: "stopped after" in server.log), server.log[-3000:]
+            assert wait_for(lambda: "stopped after" in server.log, timeout=15, step=0.1), server.log[-3000:]
             started = time.monotonic()
             assert get(server.port, "/healthz")[0] == 503
             assert time.monotonic() - started < 8
@@ -711,7 +702,7 @@ def test_endpoint_killed_mid_stream_fails_visibly_and_health_follows(tmp_path):
             moto.start()  # same port, empty: the bucket is back only once re-uploaded
             assert get(server.port, "/healthz")[0] == 503
             upload_tree(moto.endpoint, BUCKET, "k", base)
-            assert wait_for(lambda: get(server.port, "/healthz")[0] == 200)
+            assert wait_for(lambda: get(server.port, "/healthz")[0] == 200, timeout=15, step=0.1)
             assert_valid_download(server.port, "/api/training/kill/download/model", want)
             assert server.worker_pids() == worker
 
