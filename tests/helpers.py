@@ -188,3 +188,15 @@ def wait_for(condition: t.Callable[[], bool], timeout: float = 5.0, step: float 
             return True
         time.sleep(step)
     return condition()
+
+
+def open_files_under(pid: int, directory: str | os.PathLike[str]) -> list[str]:
+    """What process ``pid`` holds open at or below ``directory`` (from /proc)."""
+    root = os.path.realpath(directory)
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target == root or target.startswith(root + os.sep):
+                found.append(target)
+    return found

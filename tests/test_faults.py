@@ -56,11 +56,11 @@ import numpy as np
 import pytest
 
 try:
-    from tests.helpers import wait_for
+    from tests.helpers import open_files_under, wait_for
     from tests.jobtree import files_under, make_job, sparse_file
     from tests.server import REPO, GunicornServer
 except ImportError:  # tests/ itself on sys.path
-    from helpers import wait_for  # type: ignore[no-redef]
+    from helpers import open_files_under, wait_for  # type: ignore[no-redef]
     from jobtree import files_under, make_job, sparse_file  # type: ignore[no-redef]
     from server import REPO, GunicornServer  # type: ignore[no-redef]
 
@@ -144,18 +144,6 @@ def plan_of(logs_dir: Path, job_id: str, kind: str = "model",
         store = LocalStore(logs_dir)
         return plan_download(store, ChecksumCache(None), store.job(job_id), kind,
                              checkpoint=checkpoint, settle_seconds=0)
-
-
-def open_under(pid: int, directory: Path) -> list[str]:
-    """What process ``pid`` holds open below ``directory``."""
-    root = os.path.realpath(directory)
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target == root or target.startswith(root + os.sep):
-                found.append(target)
-    return found
 
 
 def fd_targets(pid: int) -> list[str]:
@@ -631,12 +619,12 @@ def test_hundred_cancelled_downloads_leak_nothing(start_server, tmp_path):
         took = time.monotonic() - began
 
         def settled() -> bool:
-            return len(fd_targets(worker)) <= len(fds_before) and not open_under(worker, logs)
+            return len(fd_targets(worker)) <= len(fds_before) and not open_files_under(worker, logs)
 
         wait_for(settled, timeout=5)
         time.sleep(1)
         fds_after = fd_targets(worker)
-        leaked_into_logs = open_under(worker, logs)
+        leaked_into_logs = open_files_under(worker, logs)
         threads_after = server.threads(worker)
         rss_after = max(server.rss_kib(worker) for _ in range(3))
 

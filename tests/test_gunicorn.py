@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 
 try:
-    from tests.helpers import wait_for
+    from tests.helpers import open_files_under, wait_for
     from tests.jobtree import make_job, sparse_file
     from tests.server import GunicornServer
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import)
-    from helpers import wait_for  # type: ignore[no-redef]
+    from helpers import open_files_under, wait_for  # type: ignore[no-redef]
     from jobtree import make_job, sparse_file  # type: ignore[no-redef]
     from server import GunicornServer  # type: ignore[no-redef]
 
@@ -166,19 +166,6 @@ def in_process_download(logs_dir: Path, cache_dir: Path, path: str) -> bytes:
     response = app.test_client().get(path)
     assert response.status_code == 200
     return response.get_data()
-
-
-def open_files_under(pid: int, directory: Path) -> list[str]:
-    """Files below ``directory`` that process ``pid`` holds open."""
-    root = os.path.realpath(directory)
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith(root + os.sep):
-                found.append(target)
-    return found
-
 
 
 def crc_of_file(path: Path) -> int:
